@@ -1,0 +1,48 @@
+"""Sparsity-allocation solvers; :func:`solve` is the one entry point."""
+
+from __future__ import annotations
+
+from asaf_fx.solvers.exact import solve_exact
+from asaf_fx.solvers.greedy import solve_greedy
+from asaf_fx.solvers.problem import InfeasibleError, make_problem
+from asaf_fx.solvers.two_phase import solve_two_phase
+from asaf_fx.sparsity_plan import Plan
+from asaf_fx.table import SensitivityTable
+
+_SOLVERS = {"exact": solve_exact, "two-phase": solve_two_phase, "greedy": solve_greedy}
+METHODS = tuple(_SOLVERS)
+
+
+def solve(
+    table: SensitivityTable,
+    max_degradation: float = 0.01,
+    *,
+    min_sparsity: float = 0.01,
+    max_sparsity: float = 0.15,
+    resolution: float | None = None,
+    method: str = "exact",
+) -> Plan:
+    """Choose consecutive layer groups and one sparsity each, removing the most FLOPs within budget.
+
+    Minimises Σ_groups H(group, s) subject to Σ_groups Ξ(group, s) ≤ ``max_degradation``, every
+    group's sparsity taken from ``table.sparsities`` within [``min_sparsity``, ``max_sparsity``].
+
+    Args:
+        table: measured degradation Ξ and FLOPs H per (group, level).
+        max_degradation: budget δ in the table's metric (e.g. 0.01 = 1% relative perplexity rise).
+        min_sparsity, max_sparsity: every group's rate lies in this range (the paper's α, β).
+        resolution: budget quantum r; each Ξ is rounded *up* to a multiple of r, so the returned
+            plan's true degradation never exceeds δ. Default δ / 1000.
+        method: "exact" (globally optimal at the resolution, group count free), "two-phase" (the
+            ASAF paper's coarse-then-fine DP, kept as a baseline) or "greedy" (naive baseline).
+
+    Raises:
+        InfeasibleError: no plan fits; the message names the smallest achievable degradation.
+    """
+    if method not in _SOLVERS:
+        raise ValueError(f"solve: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    problem = make_problem(table, max_degradation, min_sparsity, max_sparsity, resolution)
+    return _SOLVERS[method](problem)
+
+
+__all__ = ["METHODS", "InfeasibleError", "solve"]

@@ -1,0 +1,171 @@
+"""The allocation problem every solver works on, with the budget discretised once.
+
+Each group choice (start i, length n, level k) costs ``units[i, n-1, k] = ceil(max(Ξ, 0) / r)``
+budget units of resolution ``r``, and the budget is ``floor(δ / r)`` units. Rounding every cost
+*up* means any plan whose units fit the budget also fits it in true (unrounded) degradation:
+Σ Ξ ≤ Σ units·r ≤ δ. Negative measured degradations (pruning that happened to help on the
+calibration text) count as zero cost, which keeps the same guarantee.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from asaf_fx.sparsity_plan import Group, Plan
+from asaf_fx.table import SensitivityTable
+
+#: Default budget levels: r = δ / DEFAULT_BUDGET_LEVELS. A plan of G groups loses at most G·r of
+#: budget to rounding, so with 1000 levels and 30 groups the solver is exact for any plan that
+#: spends ≤ 97% of δ — and typically far less is lost because few groups sit at a rounding edge.
+DEFAULT_BUDGET_LEVELS = 1000
+
+
+class InfeasibleError(ValueError):
+    """No plan satisfies the constraints; the message names the smallest achievable degradation."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    table: SensitivityTable
+    level_index: np.ndarray  # (K,) indices into table.sparsities kept by [min, max] sparsity
+    sparsities: np.ndarray  # (K,)
+    degradation: np.ndarray  # (p, p, K) Ξ, NaN = unavailable
+    flops: np.ndarray  # (p, p, K) H, 0 where unavailable (never chosen: its cost is over budget)
+    units: np.ndarray  # (p, p, K) int64 cost; budget_units + 1 where unavailable
+    available: np.ndarray  # (p, p, K) bool
+    budget_units: int
+    resolution: float
+    max_degradation: float
+    min_sparsity: float
+    max_sparsity: float
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.degradation.shape[0])
+
+    @property
+    def num_levels(self) -> int:
+        return int(self.sparsities.shape[0])
+
+
+def make_problem(
+    table: SensitivityTable,
+    max_degradation: float,
+    min_sparsity: float,
+    max_sparsity: float,
+    resolution: float | None,
+) -> Problem:
+    if not isinstance(table, SensitivityTable):
+        raise TypeError(f"solve: table must be a SensitivityTable, got {type(table).__name__}")
+    if not math.isfinite(max_degradation) or max_degradation < 0:
+        raise ValueError(f"solve: max_degradation must be a finite number >= 0, got {max_degradation!r}")
+    for name, value in (("min_sparsity", min_sparsity), ("max_sparsity", max_sparsity)):
+        if not math.isfinite(value) or not 0.0 <= value < 1.0:
+            raise ValueError(f"solve: {name} must lie in [0, 1), got {value!r}")
+    if min_sparsity > max_sparsity:
+        raise ValueError(f"solve: min_sparsity {min_sparsity} is above max_sparsity {max_sparsity}")
+    if resolution is None:
+        resolution = max_degradation / DEFAULT_BUDGET_LEVELS if max_degradation > 0 else 1.0
+    elif not math.isfinite(resolution) or resolution <= 0:
+        raise ValueError(f"solve: resolution must be a finite number > 0, got {resolution!r}")
+
+    grid = table.sparsities
+    # A tolerance so that a grid value written as 0.15 is not lost to 0.15000000000000002.
+    tol = 1e-9
+    level_index = np.flatnonzero((grid >= min_sparsity - tol) & (grid <= max_sparsity + tol))
+    if level_index.size == 0:
+        raise InfeasibleError(
+            f"solve: no sparsity level of the table {grid.tolist()} lies in "
+            f"[min_sparsity, max_sparsity] = [{min_sparsity}, {max_sparsity}]"
+        )
+    degradation = table.degradation[:, :, level_index]
+    available = ~np.isnan(degradation)
+    # δ / r is often an integer spoilt by rounding (0.005 / 5e-06 = 999.9999999999999): snap it.
+    ratio = max_degradation / resolution
+    budget_units = int(round(ratio)) if abs(ratio - round(ratio)) < 1e-9 * max(1.0, ratio) else int(ratio)
+    cost = np.where(available, np.maximum(degradation, 0.0), 0.0)
+    units = np.ceil(cost / resolution)
+    units = np.where(units * resolution < cost, units + 1, units)  # guard the other way round
+    units = np.where(available, np.minimum(units, budget_units + 1), budget_units + 1).astype(np.int64)
+    flops = np.where(available, table.flops[:, :, level_index], 0.0)
+    return Problem(
+        table=table,
+        level_index=level_index,
+        sparsities=grid[level_index],
+        degradation=degradation,
+        flops=flops,
+        units=units,
+        available=available,
+        budget_units=budget_units,
+        resolution=float(resolution),
+        max_degradation=float(max_degradation),
+        min_sparsity=float(min_sparsity),
+        max_sparsity=float(max_sparsity),
+    )
+
+
+def min_degradation(problem: Problem) -> float:
+    """Smallest true Σ Ξ over all covers by available groups (inf if none exists)."""
+    p = problem.num_layers
+    best = np.full(p + 1, np.inf)
+    best[p] = 0.0
+    xi = np.where(problem.available, problem.degradation, np.inf)
+    for i in range(p - 1, -1, -1):
+        n = p - i
+        best[i] = np.min(xi[i, :n, :] + best[i + 1 : i + 1 + n, None])
+    return float(best[0])
+
+
+def raise_infeasible(problem: Problem, method: str) -> None:
+    lowest = min_degradation(problem)
+    window = f"sparsity in [{problem.min_sparsity}, {problem.max_sparsity}]"
+    if not math.isfinite(lowest):
+        raise InfeasibleError(
+            f"solve({method}): no plan exists: the table has no measured groups covering every layer with "
+            f"{window}; calibrate the missing entries or widen the sparsity range"
+        )
+    if lowest <= problem.max_degradation:
+        raise InfeasibleError(
+            f"solve({method}): no plan fits max_degradation={problem.max_degradation:g} at resolution "
+            f"{problem.resolution:g}; the smallest achievable degradation is {lowest:.6g}, which fits only "
+            "at a finer resolution (pass a smaller resolution=)"
+        )
+    raise InfeasibleError(
+        f"solve({method}): no plan fits max_degradation={problem.max_degradation:g}; the smallest achievable "
+        f"degradation with {window} is {lowest:.6g}. Raise the budget or lower min_sparsity"
+    )
+
+
+def build_plan(
+    problem: Problem, choices: list[tuple[int, int, int]], method: str, stats: dict
+) -> Plan:
+    """Turn (start, length, level) choices into a Plan, re-checking the budget in true units."""
+    groups, flops, degradation, units = [], [], [], 0
+    for start, length, level in choices:
+        if not problem.available[start, length - 1, level]:
+            raise AssertionError(f"solver {method} chose an unavailable group {start, length, level}")
+        groups.append(Group(start, start + length, float(problem.sparsities[level])))
+        flops.append(float(problem.flops[start, length - 1, level]))
+        degradation.append(float(problem.degradation[start, length - 1, level]))
+        units += int(problem.units[start, length - 1, level])
+    if units > problem.budget_units:
+        raise AssertionError(f"solver {method} returned a plan over budget ({units} > {problem.budget_units} units)")
+    return Plan(
+        groups=tuple(groups),
+        flops=math.fsum(flops),
+        dense_flops=problem.table.dense_flops,
+        predicted_degradation=math.fsum(degradation),
+        max_degradation=problem.max_degradation,
+        method=method,
+        stats={
+            **stats,
+            "resolution": problem.resolution,
+            "budget_units": problem.budget_units,
+            "used_units": units,
+            "min_sparsity": problem.min_sparsity,
+            "max_sparsity": problem.max_sparsity,
+        },
+    )

@@ -1,0 +1,199 @@
+"""The sensitivity table the solver reads: measured degradation Ξ and FLOPs H per (group, level).
+
+A *group* is a run of consecutive decoder layers ``start .. start + length - 1``. For every group
+and every sparsity level ``k`` the table holds
+
+* ``degradation[start, length - 1, k]`` — Ξ, the measured degradation of pruning exactly that group
+  at ``sparsities[k]`` (NaN where it was not measured: the solver treats the choice as unavailable);
+* ``flops[start, length - 1, k]`` — H, the group's FLOPs per token after pruning. By default
+  ``sum(layer_flops[start:start+length]) * (1 - sparsities[k])``; calibration passes the real
+  numbers, since pruning whole channels at a fixed granularity is not exactly linear in s.
+
+Entries with ``start + length > p`` describe no group and must be NaN in ``degradation``.
+Files are safetensors (arrays) with the metadata as JSON in the safetensors header; nothing is
+ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from asaf_fx._atomic import atomic_path
+
+TABLE_SCHEMA = "asaf_fx.sensitivity_table/1"
+
+
+def _as_float_array(name: str, value: Any, ndim: int) -> np.ndarray:
+    try:
+        array = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"SensitivityTable: {name} must be numeric, got {type(value).__name__}") from exc
+    if array.ndim != ndim:
+        raise ValueError(f"SensitivityTable: {name} must have {ndim} dimension(s), got shape {array.shape}")
+    return array
+
+
+def _group_exists_mask(p: int) -> np.ndarray:
+    """(p, p) mask: True where ``start + length <= p``, i.e. the index names a real group."""
+    start = np.arange(p)[:, None]
+    length = np.arange(1, p + 1)[None, :]
+    return start + length <= p
+
+
+@dataclass(frozen=True, eq=False)
+class SensitivityTable:
+    """Measured degradation (Ξ) and FLOPs (H) of pruning each group of consecutive layers.
+
+    Args:
+        layer_flops: shape (p,), dense linear FLOPs per token of each decoder layer (φ).
+        sparsities: shape (S,), the sparsity grid, strictly increasing, each in [0, 1).
+        degradation: shape (p, p, S); ``degradation[i, n-1, k]`` is the degradation of pruning
+            layers ``i .. i+n-1`` at ``sparsities[k]``; NaN = not measured (choice unavailable).
+        flops: optional shape (p, p, S) table H of the pruned group's FLOPs per token. Defaults to
+            ``sum(layer_flops[i:i+n]) * (1 - sparsities[k])``.
+        meta: JSON-serialisable dict (model, metric, calibration settings, ...).
+    """
+
+    layer_flops: np.ndarray
+    sparsities: np.ndarray
+    degradation: np.ndarray
+    flops: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        layer_flops = _as_float_array("layer_flops", self.layer_flops, 1)
+        sparsities = _as_float_array("sparsities", self.sparsities, 1)
+        degradation = _as_float_array("degradation", self.degradation, 3)
+        p, n_levels = layer_flops.shape[0], sparsities.shape[0]
+        if p == 0:
+            raise ValueError("SensitivityTable: layer_flops is empty; a model has at least one layer")
+        if n_levels == 0:
+            raise ValueError("SensitivityTable: sparsities is empty; give at least one sparsity level")
+        if not np.all(np.isfinite(layer_flops)) or np.any(layer_flops <= 0):
+            bad = int(np.flatnonzero(~np.isfinite(layer_flops) | (layer_flops <= 0))[0])
+            raise ValueError(
+                f"SensitivityTable: layer_flops must be finite and positive; layer {bad} has {layer_flops[bad]!r}"
+            )
+        if not np.all(np.isfinite(sparsities)) or np.any(sparsities < 0) or np.any(sparsities >= 1):
+            raise ValueError(f"SensitivityTable: every sparsity must lie in [0, 1); got {sparsities.tolist()}")
+        if np.any(np.diff(sparsities) <= 0):
+            raise ValueError(
+                f"SensitivityTable: sparsities must be strictly increasing; got {sparsities.tolist()}"
+            )
+        expected = (p, p, n_levels)
+        if degradation.shape != expected:
+            raise ValueError(
+                f"SensitivityTable: degradation must have shape (p, p, S) = {expected} for "
+                f"{p} layers and {n_levels} sparsities; got {degradation.shape}"
+            )
+        if np.any(np.isinf(degradation)):
+            raise ValueError("SensitivityTable: degradation holds ±inf; use NaN for choices that were not measured")
+        exists = _group_exists_mask(p)
+        outside = ~np.isnan(degradation) & ~exists[:, :, None]
+        if np.any(outside):
+            i, n1, k = (int(v) for v in np.argwhere(outside)[0])
+            raise ValueError(
+                f"SensitivityTable: degradation[{i}, {n1}, {k}] is set but layers {i}..{i + n1} run past the "
+                f"last layer {p - 1}; entries with start + length > p must be NaN "
+                "(check the index order: [start, length - 1, level])"
+            )
+        if self.flops is None:
+            flops = self.default_flops(layer_flops, sparsities)
+        else:
+            flops = _as_float_array("flops", self.flops, 3)
+            if flops.shape != expected:
+                raise ValueError(f"SensitivityTable: flops must have shape {expected}; got {flops.shape}")
+            usable = ~np.isnan(degradation)
+            bad = usable & ~(np.isfinite(flops) & (flops >= 0))
+            if np.any(bad):
+                i, n1, k = (int(v) for v in np.argwhere(bad)[0])
+                raise ValueError(
+                    f"SensitivityTable: flops[{i}, {n1}, {k}] = {flops[i, n1, k]!r}; FLOPs must be finite and "
+                    "non-negative wherever degradation is measured"
+                )
+        meta = dict(self.meta or {})
+        try:
+            json.dumps(meta)
+        except TypeError as exc:
+            raise ValueError(f"SensitivityTable: meta must be JSON-serialisable: {exc}") from exc
+        for name, value in (
+            ("layer_flops", layer_flops),
+            ("sparsities", sparsities),
+            ("degradation", degradation),
+            ("flops", flops),
+        ):
+            value.setflags(write=False)
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "meta", meta)
+
+    @staticmethod
+    def default_flops(layer_flops: np.ndarray, sparsities: np.ndarray) -> np.ndarray:
+        """H[i, n-1, k] = sum(φ[i:i+n]) · (1 − s_k); NaN where the group does not exist."""
+        p = layer_flops.shape[0]
+        prefix = np.concatenate([[0.0], np.cumsum(layer_flops)])
+        start = np.arange(p)[:, None]
+        stop = np.minimum(start + np.arange(1, p + 1)[None, :], p)
+        group = prefix[stop] - prefix[start]
+        group = np.where(_group_exists_mask(p), group, np.nan)
+        return group[:, :, None] * (1.0 - sparsities[None, None, :])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.layer_flops.shape[0])
+
+    @property
+    def dense_flops(self) -> float:
+        return math.fsum(self.layer_flops.tolist())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write arrays as safetensors and ``meta`` as JSON in its header, atomically."""
+        from safetensors.numpy import save_file
+
+        arrays = {
+            "layer_flops": np.ascontiguousarray(self.layer_flops),
+            "sparsities": np.ascontiguousarray(self.sparsities),
+            "degradation": np.ascontiguousarray(self.degradation),
+            "flops": np.ascontiguousarray(self.flops),
+        }
+        header = {"schema": TABLE_SCHEMA, "meta": json.dumps(self.meta, sort_keys=True)}
+        with atomic_path(path) as tmp:
+            save_file(arrays, str(tmp), metadata=header)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SensitivityTable:
+        """Read a table written by :meth:`save` (safetensors only; never unpickles)."""
+        from safetensors import SafetensorError, safe_open
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"SensitivityTable.load: no such file: {path}")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                header = f.metadata() or {}
+                arrays = {key: f.get_tensor(key) for key in f.keys()}
+        except SafetensorError as exc:
+            raise ValueError(f"SensitivityTable.load: {path} is not a safetensors file ({exc})") from exc
+        schema = header.get("schema")
+        if schema != TABLE_SCHEMA:
+            raise ValueError(
+                f"SensitivityTable.load: {path} has schema {schema!r}; this asaf_fx reads {TABLE_SCHEMA!r}"
+            )
+        missing = {"layer_flops", "sparsities", "degradation", "flops"} - arrays.keys()
+        if missing:
+            raise ValueError(f"SensitivityTable.load: {path} lacks arrays {sorted(missing)}")
+        try:
+            meta = json.loads(header.get("meta", "{}"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"SensitivityTable.load: {path} has a corrupt meta header ({exc})") from exc
+        return cls(
+            layer_flops=arrays["layer_flops"],
+            sparsities=arrays["sparsities"],
+            degradation=arrays["degradation"],
+            flops=arrays["flops"],
+            meta=meta,
+        )

@@ -1,0 +1,1 @@
+"""Graph passes over captured Hugging Face models (installed as ``asaf_fx.passes``)."""

@@ -78,7 +78,7 @@ class SensitivityTable:
         if not np.all(np.isfinite(layer_flops)) or np.any(layer_flops <= 0):
             bad = int(np.flatnonzero(~np.isfinite(layer_flops) | (layer_flops <= 0))[0])
             raise ValueError(
-                f"SensitivityTable: layer_flops must be finite and positive; layer {bad} has {layer_flops[bad]!r}"
+                f"SensitivityTable: layer_flops must be finite and positive; layer {bad} has {float(layer_flops[bad])!r}"
             )
         if not np.all(np.isfinite(sparsities)) or np.any(sparsities < 0) or np.any(sparsities >= 1):
             raise ValueError(f"SensitivityTable: every sparsity must lie in [0, 1); got {sparsities.tolist()}")
@@ -114,7 +114,7 @@ class SensitivityTable:
             if np.any(bad):
                 i, n1, k = (int(v) for v in np.argwhere(bad)[0])
                 raise ValueError(
-                    f"SensitivityTable: flops[{i}, {n1}, {k}] = {flops[i, n1, k]!r}; FLOPs must be finite and "
+                    f"SensitivityTable: flops[{i}, {n1}, {k}] = {float(flops[i, n1, k])!r}; FLOPs must be finite and "
                     "non-negative wherever degradation is measured"
                 )
         meta = dict(self.meta or {})

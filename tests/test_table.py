@@ -33,10 +33,23 @@ def test_round_trip_keeps_arrays_nan_holes_and_meta(tmp_path):
     path = tmp_path / "t.safetensors"
     table.save(path)
     loaded = SensitivityTable.load(path)
-    for name in ("layer_flops", "sparsities", "degradation", "flops"):
+    for name in ("layer_flops", "sparsities", "degradation", "flops", "measured"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(table, name))
     assert loaded.meta == table.meta
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left nothing behind
+
+
+def test_measured_mask_defaults_to_finite_entries_and_round_trips(tmp_path):
+    degradation = small_degradation()
+    table = SensitivityTable(np.ones(3), np.array([0.1, 0.2]), degradation)
+    np.testing.assert_array_equal(table.measured, ~np.isnan(degradation))
+    estimated = table.measured.copy()
+    estimated[0, 2] = False  # the 3-layer group was estimated, not measured
+    partial = SensitivityTable(np.ones(3), np.array([0.1, 0.2]), degradation, measured=estimated)
+    partial.save(tmp_path / "t.safetensors")
+    np.testing.assert_array_equal(SensitivityTable.load(tmp_path / "t.safetensors").measured, estimated)
+    with pytest.raises(ValueError, match="marked measured but its degradation is NaN"):
+        SensitivityTable(np.ones(3), np.array([0.1, 0.2]), degradation, measured=np.ones((3, 3, 2), bool))
 
 
 def test_arrays_are_read_only():

@@ -17,6 +17,8 @@ def _inputs(device):
     x[2, 5] = 3e4  # one huge outlier dominates the row's scale
     return {
         "M=1,K=1": torch.tensor([[-2.5]], device=device),
+        # scale 1 at 4 bits: exact ties (round half to even) and the float just below 0.5
+        "ties": torch.tensor([[7.0, 0.5, 1.5, 2.5, -2.5, -3.5, 0.49999997]], device=device),
         "odd K": torch.randn(3, 37, device=device) * 50,
         "K>block, zero row, outlier": x,
         "3-d fp16 extremes": torch.tensor([[[65504.0, -65504.0, 1.0, -0.0, 6e-8]]], device=device).half(),
@@ -42,6 +44,9 @@ def test_reference_semantics(device):
     assert q.tolist() == [[2, -4, 1, 7], [0, 0, 0, 0]]
     q, s = quantize.quantize_per_token_torch(x, 4, 0.5)  # clipping saturates at qmax
     assert q[0].tolist() == [4, -8, 2, 7]
+    ties = torch.tensor([[7.0, 0.5, 1.5, 2.5, -2.5, -3.5, 0.49999997]], device=device)
+    for impl in (quantize.quantize_per_token_torch, quantize.quantize_per_token_triton):
+        assert impl(ties, 4, 1.0)[0].tolist() == [[7, 0, 2, 2, -2, -4, 0]]  # ties to even
 
 
 def test_bad_arguments_say_what_is_wrong(device):

@@ -25,6 +25,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 
 from asaf_fx.triton_kernels import gemm, hadamard, int4, kv_quant, quantize
+from asaf_fx.triton_kernels._runtime import interpreting
 
 _BACKENDS = ("auto", "triton", "reference")
 
@@ -38,6 +39,12 @@ def kernel_backend(x: torch.Tensor) -> str:
         raise ValueError(f"ASAF_FX_KERNELS={choice!r} is not one of {', '.join(_BACKENDS)}")
     if choice == "auto":
         return "triton" if x.is_cuda else "reference"
+    if choice == "triton" and not x.is_cuda and not interpreting():
+        # Without this, Triton fails deep inside its launcher with a message about drivers.
+        raise RuntimeError(
+            "ASAF_FX_KERNELS=triton on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before asaf_fx is imported, or use ASAF_FX_KERNELS=reference"
+        )
     return choice
 
 

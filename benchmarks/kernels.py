@@ -59,11 +59,12 @@ def run(args: argparse.Namespace) -> list[dict]:
             q4, s4 = quantize.quantize_per_token_triton(x, 4, 1.0)
             q8, s8 = quantize.quantize_per_token_triton(x, 8, 1.0)
             flops = 2.0 * m * n * k
+            half = torch.float16
             t = {
                 "fp16": _bench(lambda: x @ w.T, args.rep),
-                "w4a4": _bench(lambda: gemm.w4a_int_linear_triton(q4, s4, w_packed, w_scale, None, k, torch.float16), args.rep),
-                "w4a8": _bench(lambda: gemm.w4a_int_linear_triton(q8, s8, w_packed, w_scale, None, k, torch.float16), args.rep),
-                "w4a16": _bench(lambda: gemm.w4a16_linear_triton(x, w_packed, w_scale, None, k, torch.float16), args.rep),
+                "w4a4": _bench(lambda: gemm.w4a_int_linear_triton(q4, s4, w_packed, w_scale, None, k, half), args.rep),
+                "w4a8": _bench(lambda: gemm.w4a_int_linear_triton(q8, s8, w_packed, w_scale, None, k, half), args.rep),
+                "w4a16": _bench(lambda: gemm.w4a16_linear_triton(x, w_packed, w_scale, None, k, half), args.rep),
                 "rotq": _bench(lambda: hadamard.rotate_quantize_triton(x, right, 4, 1.0), args.rep),
             }
             tf = {key: flops / (ms * 1e-3) / 1e12 for key, ms in t.items()}

@@ -46,7 +46,7 @@ def w4a_int_linear_torch(
     xg = torch.nn.functional.pad(xq, (0, pad)).reshape(-1, g, group_size)
     wg = torch.nn.functional.pad(wq, (0, pad)).reshape(n, g, group_size)
     partial = torch.einsum("mgk,ngk->mng", xg, wg).to(torch.float32)  # exact int32-range sums
-    acc = (partial * w_scale.to(torch.float32)[None]).sum(-1) if g > 1 else partial[..., 0] * w_scale.to(torch.float32)[:, 0]
+    acc = (partial * w_scale.to(torch.float32)[None]).sum(-1)
     y = acc * x_scale.reshape(-1, 1).to(torch.float32)
     if bias is not None:
         y = y + bias.to(torch.float32)
@@ -72,22 +72,36 @@ def w4a16_linear_torch(
 
 
 def _check_common(x, w_packed, w_scale, bias, group_size, out_dtype) -> tuple[int, int]:
-    """Validate shapes/dtypes shared by both GEMMs; returns (K, N)."""
+    """Validate shapes/dtypes/devices shared by both GEMMs; returns (K, N)."""
     if x.dim() < 1:
         raise ValueError("activations need at least one dimension (the last is K)")
     k = x.shape[-1]
     if w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
-        raise TypeError(f"w_packed must be the uint8 (N, ceil(K/2)) tensor from pack_int4, got {w_packed.dtype} {tuple(w_packed.shape)}")
+        raise TypeError(
+            "w_packed must be the uint8 (N, ceil(K/2)) tensor from pack_int4, "
+            f"got {w_packed.dtype} {tuple(w_packed.shape)}"
+        )
     n = w_packed.shape[0]
     if w_packed.shape[1] != (k + 1) // 2:
-        raise ValueError(f"activations have K={k}, so w_packed needs {(k + 1) // 2} bytes per row, got {w_packed.shape[1]}")
+        raise ValueError(
+            f"activations have K={k}, so w_packed needs {(k + 1) // 2} bytes per row, got {w_packed.shape[1]}"
+        )
     check_group_size(k, group_size)
-    if w_scale.shape != (n, num_groups(k, group_size)) or not w_scale.is_floating_point():
-        raise ValueError(f"w_scale must be float (N, ceil(K/group_size)) = ({n}, {num_groups(k, group_size)}), got {w_scale.dtype} {tuple(w_scale.shape)}")
+    groups = num_groups(k, group_size)
+    if w_scale.shape != (n, groups) or not w_scale.is_floating_point():
+        raise ValueError(
+            f"w_scale must be float (N, ceil(K/group_size)) = ({n}, {groups}), "
+            f"got {w_scale.dtype} {tuple(w_scale.shape)}"
+        )
     if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
         raise ValueError(f"bias must be a float ({n},) tensor, got {bias.dtype} {tuple(bias.shape)}")
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+    others = [t for t in (w_packed, w_scale, bias) if t is not None]
+    if any(t.device != x.device for t in others):
+        raise ValueError(
+            f"activations are on {x.device} but some weights are not: move them with .to({str(x.device)!r})"
+        )
     return k, n
 
 
@@ -95,7 +109,9 @@ def _check_int_act(x_q: torch.Tensor, x_scale: torch.Tensor) -> None:
     if x_q.dtype != torch.int8:
         raise TypeError(f"x_q must be int8 quantized activations (quantize_per_token), got {x_q.dtype}")
     if x_scale.shape != x_q.shape[:-1] or x_scale.dtype != torch.float32:
-        raise ValueError(f"x_scale must be float32 of shape {tuple(x_q.shape[:-1])}, got {x_scale.dtype} {tuple(x_scale.shape)}")
+        raise ValueError(
+            f"x_scale must be float32 of shape {tuple(x_q.shape[:-1])}, got {x_scale.dtype} {tuple(x_scale.shape)}"
+        )
 
 
 # --------------------------------------------------------------------------------------- kernel

@@ -79,6 +79,18 @@ def test_rotate_quantize_approximates_rotation(device):
     assert torch.all((q.float() * s[:, None] - rotated).abs() <= s[:, None] / 2 + 1e-6)
 
 
+def test_rotate_quantize_fp16_extremes_do_not_overflow(device):
+    # Rotating fp16 rows of ±65504 overflows fp16 (the sums exceed its range), but the fused op
+    # works in float32 and only writes int8 and a float32 scale.
+    x = torch.full((2, 32), 65504.0, device=device).half()
+    x[1, ::2] = -65504.0
+    assert torch.isinf(hadamard.hadamard_rotate_torch(x, torch.ones(1, 1, device=device))).any()
+    q, s = hadamard.rotate_quantize_triton(x, torch.ones(1, 1, device=device), 4, 1.0)
+    q_ref, s_ref = hadamard.rotate_quantize_torch(x, torch.ones(1, 1, device=device), 4, 1.0)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref) and torch.isfinite(s).all()
+    assert q[0, 0] == 7 and (q[0, 1:] == 0).all()  # all mass lands in the first Hadamard coefficient
+
+
 def test_wrong_right_factor_is_reported(device):
     with pytest.raises(ValueError, match=r"\(3, 3\) right factor"):
         hadamard.hadamard_rotate_triton(torch.randn(2, 24, device=device), torch.eye(5, device=device))

@@ -27,8 +27,9 @@ class TinyBlock(torch.nn.Module):
         w1, w2 = torch.randn(n, k, generator=g), torch.randn(k, n, generator=g)
         w1_packed, w1_scale = int4.quantize_weight_int4(w1)
         w2_packed, w2_scale = int4.quantize_weight_int4(w2)
-        for name, t in dict(right=right.float(), w1_packed=w1_packed, w1_scale=w1_scale, bias=torch.randn(n, generator=g),
-                            w2_packed=w2_packed, w2_scale=w2_scale).items():
+        buffers = dict(right=right.float(), w1_packed=w1_packed, w1_scale=w1_scale,
+                       bias=torch.randn(n, generator=g), w2_packed=w2_packed, w2_scale=w2_scale)
+        for name, t in buffers.items():
             self.register_buffer(name, t)
         r2 = torch.linalg.qr(torch.randn(m_odd, m_odd, generator=g, dtype=torch.float64))[0].float()
         self.register_buffer("right2", r2)

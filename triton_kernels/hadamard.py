@@ -118,12 +118,16 @@ def _rotate_kernel(
             xj = tl.load(x_row + p * M_ODD + j).to(tl.float32)
             rj = tl.load(right_ptr + j * M_ODD + c, mask=cmask, other=0.0)
             y += xj * rj
-    # Walsh-Hadamard butterfly along the POWER axis: stage h pairs i with i ^ h, giving
-    # (a + b, a - b) — the same stage order as the reference, so power-of-two widths match exactly.
-    idx = p + c * 0
-    for i in tl.static_range(LOG2P):
-        partner = tl.gather(y, idx ^ (1 << i), axis=0)
-        y = tl.where((idx & (1 << i)) != 0, partner - y, y + partner)
+    # Walsh-Hadamard butterfly along the POWER axis. Each stage splits off the lowest index bit
+    # (pairs 2r, 2r + 1 → a + b, a - b) and moves it to the top, a cyclic rotation of the index
+    # bits; after LOG2P stages every bit was processed once and the order is back to normal.
+    # Stage i thus handles original bit i, in the reference's order, so power-of-two widths match
+    # it bit for bit. (A tl.gather of partners compiles super-linearly in POWER: ptxas ran out of
+    # memory at 4096.)
+    for _ in tl.static_range(LOG2P):
+        pairs = tl.permute(tl.reshape(y, (POWER // 2, 2, MP)), (0, 2, 1))
+        a, b = tl.split(pairs)
+        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (2, 0, 1)), (POWER, MP))
     y = y * inv_sqrt
     offs = row * stride_out + p * M_ODD + c
     if QUANTIZE:

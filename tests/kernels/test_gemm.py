@@ -123,3 +123,17 @@ def test_opcheck(device, backend):
     torch.library.opcheck(torch.ops.asaf_fx.w4a_int_linear.default,
                           (x_q, x_scale, w_packed, w_scale, bias, gs, torch.float16))
     torch.library.opcheck(torch.ops.asaf_fx.w4a16_linear.default, (x, w_packed, w_scale, None, gs, torch.float32))
+
+
+@pytest.mark.parametrize("m,group,expect_m,expect_k", [
+    (1, 0, {16}, {64, 128, 256}),         # decode: 16-row tiles only
+    (16, 128, {16}, {64, 128}),           # BLOCK_K must divide the group
+    (2048, 0, {64, 128, 256}, {64, 128}),  # prefill: large tiles only
+    (4096, 192, {64, 128}, {64}),          # 192 = 3 · 64: only 64-wide K-blocks stay in one group
+])
+def test_autotune_pruning_picks_decode_or_prefill_tiles(m, group, expect_m, expect_k):
+    kept = gemm._prune_configs(gemm._gpu_configs(), {"M": m}, GROUP_K=group)
+    assert kept
+    assert {c.kwargs["BLOCK_M"] for c in kept} <= expect_m
+    assert {c.kwargs["BLOCK_K"] for c in kept} <= expect_k
+    assert all(group == 0 or group % c.kwargs["BLOCK_K"] == 0 for c in kept)

@@ -10,6 +10,12 @@ multiply-adds for the small dense factor.
 ``hadamard_rotate_triton`` is the same transform as a Triton kernel; ``rotate_quantize_*`` fuse it
 with per-token symmetric quantization (``quantize.py``) of the float32 rotated row, so the rotated
 activations never go to memory in floating point.
+
+The kernel holds one whole row in registers as a (2^k, next_pow2(m)) float32 tile and applies the
+dense factor as m rank-1 updates, so its cost per row is about 2^k · next_pow2(m) · m multiply-adds.
+Widths with a small odd factor are cheap (Llama: 4096 = 2^12, 14336 = 2^11·7, 11008 = 2^8·43);
+pruned widths should keep m small (e.g. round to a multiple of 64 or 128), since a width like
+8 · 1125 makes the dense factor dominate.
 """
 
 from __future__ import annotations

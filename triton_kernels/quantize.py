@@ -55,7 +55,7 @@ def _quantize_per_token_kernel(
     # meta-parameters
     QMAX: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2^31 for long prefills
     offs = tl.arange(0, BLOCK_K)
     # Pass 1: row maximum; pass 2: quantize. Two passes keep any K inside a fixed block.
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)

@@ -11,8 +11,9 @@ from asaf_fx.triton_kernels import gemm, int4, quantize
 pytestmark = pytest.mark.interpreter
 
 # (M, N, K, group_size): M = 1 (decode), odd N and K, K not a multiple of the 64-wide K-block,
-# per-group scales with a partial last group, and no rows at all. None = per output channel.
-SHAPES = [(1, 17, 33, None), (5, 40, 100, None), (3, 19, 192, 64), (2, 16, 200, 128), (0, 8, 9, None)]
+# per-group scales with a partial last group, no rows at all, and N = K = 1. None = per output channel.
+SHAPES = [(1, 17, 33, None), (5, 40, 100, None), (3, 19, 192, 64), (2, 16, 200, 128), (0, 8, 9, None),
+          (2, 1, 1, None)]
 OUT_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 

@@ -6,6 +6,16 @@ where H is the Sylvester Hadamard matrix of order 2^k and ``right`` an (m, m) or
 product is orthogonal, so ``rotation_matrix(n, right)`` can be folded into the neighbouring weights
 offline while the op runs online. Cost per row: n·log2(2^k) adds for the butterfly plus n·m
 multiply-adds for the small dense factor.
+
+``hadamard_rotate_triton`` is the same transform as a Triton kernel; ``rotate_quantize_*`` fuse it
+with per-token symmetric quantization (``quantize.py``) of the float32 rotated row, so the rotated
+activations never go to memory in floating point.
+
+The kernel holds one whole row in registers as a (2^k, next_pow2(m)) float32 tile and applies the
+dense factor as m rank-1 updates, so its cost per row is about 2^k · next_pow2(m) · m multiply-adds.
+Widths with a small odd factor are cheap (Llama: 4096 = 2^12, 14336 = 2^11·7, 11008 = 2^8·43);
+pruned widths should keep m small (e.g. round to a multiple of 64 or 128), since a width like
+8 · 1125 makes the dense factor dominate.
 """
 
 from __future__ import annotations
@@ -13,6 +23,11 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
+import triton.language as tl
+
+from asaf_fx.triton_kernels._runtime import next_pow2, round_half_even
+from asaf_fx.triton_kernels.quantize import check_act_quant_args, quantize_rows_torch
 
 
 def split_width(n: int) -> tuple[int, int]:
@@ -35,8 +50,8 @@ def _walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*lead, size, m)
 
 
-def hadamard_rotate_torch(x: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """x @ kron(H_{2^k} / sqrt(2^k), right), computed in float32 (float64 stays float64)."""
+def _rotate_compute(x: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """The rotation in float32 (float64 stays float64), before the cast back to x.dtype."""
     n = x.shape[-1]
     power, m = split_width(n)
     if right.shape != (m, m):
@@ -46,7 +61,12 @@ def hadamard_rotate_torch(x: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     if m > 1:
         y = y @ right.to(compute)
     y = _walsh_hadamard(y) * (1.0 / math.sqrt(power))
-    return y.reshape(x.shape).to(x.dtype)
+    return y.reshape(x.shape)
+
+
+def hadamard_rotate_torch(x: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """x @ kron(H_{2^k} / sqrt(2^k), right), computed in float32 (float64 stays float64)."""
+    return _rotate_compute(x, right).to(x.dtype)
 
 
 def sylvester_hadamard(power: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -64,3 +84,111 @@ def rotation_matrix(n: int, right: torch.Tensor) -> torch.Tensor:
     power, m = split_width(n)
     h = sylvester_hadamard(power) / math.sqrt(power)
     return torch.kron(h, right.to(torch.float64).contiguous())
+
+
+def rotate_quantize_torch(
+    x: torch.Tensor, right: torch.Tensor, bits: int, clip_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: per-token quantization of the float32 rotation of x (not of its cast to x.dtype).
+
+    Returns ``(q int8 x.shape, scale float32 x.shape[:-1])`` with
+    ``q * scale[..., None] ≈ hadamard_rotate_torch(x.float(), right)``.
+    """
+    check_act_quant_args(x, bits, clip_ratio)
+    return quantize_rows_torch(_rotate_compute(x, right).to(torch.float32), bits, clip_ratio)
+
+
+@triton.jit
+def _rotate_kernel(
+    # pointers
+    x_ptr, right_ptr, out_ptr, scale_ptr,
+    # strides (rows are contiguous) and scalars
+    stride_x, stride_out, inv_sqrt, clip_ratio,
+    # meta-parameters: width n = POWER * M_ODD, MP = next power of two ≥ M_ODD
+    M_ODD: tl.constexpr, POWER: tl.constexpr, LOG2P: tl.constexpr, MP: tl.constexpr,
+    QUANTIZE: tl.constexpr, QMAX: tl.constexpr,
+):
+    # One program per row, viewed as a (POWER, M_ODD) matrix Y: the rotation is H · Y · right.
+    row = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, POWER)[:, None]
+    c = tl.arange(0, MP)[None, :]
+    cmask = c < M_ODD
+    x_row = x_ptr + row * stride_x
+    if M_ODD == 1:
+        y = tl.load(x_row + p + c).to(tl.float32)
+    else:
+        # Small dense factor as M_ODD rank-1 updates: no tl.dot, so no minimum tile size and
+        # padded columns stay exactly zero (they must not enter the row maximum).
+        y = tl.zeros((POWER, MP), dtype=tl.float32)
+        for j in range(M_ODD):
+            xj = tl.load(x_row + p * M_ODD + j).to(tl.float32)
+            rj = tl.load(right_ptr + j * M_ODD + c, mask=cmask, other=0.0)
+            y += xj * rj
+    # Walsh-Hadamard butterfly along the POWER axis. Each stage splits off the lowest index bit
+    # (pairs 2r, 2r + 1 → a + b, a - b) and moves it to the top, a cyclic rotation of the index
+    # bits; after LOG2P stages every bit was processed once and the order is back to normal.
+    # Stage i thus handles original bit i, in the reference's order, so power-of-two widths match
+    # it bit for bit. (A tl.gather of partners compiles super-linearly in POWER: ptxas ran out of
+    # memory at 4096.)
+    for _ in tl.static_range(LOG2P):
+        pairs = tl.permute(tl.reshape(y, (POWER // 2, 2, MP)), (0, 2, 1))
+        a, b = tl.split(pairs)
+        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (2, 0, 1)), (POWER, MP))
+    y = y * inv_sqrt
+    offs = row * stride_out + p * M_ODD + c
+    if QUANTIZE:
+        amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
+        scale = tl.math.div_rn(amax * clip_ratio, QMAX * 1.0)
+        safe = tl.where(scale > 0.0, scale, 1.0)
+        q = round_half_even(tl.math.div_rn(y, safe))
+        q = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0)
+        tl.store(out_ptr + offs, q.to(tl.int8), mask=cmask)
+        tl.store(scale_ptr + row, scale)
+    else:
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+def _launch_rotate(x: torch.Tensor, right: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None,
+                   bits: int, clip_ratio: float) -> None:
+    n = x.shape[-1]
+    power, m = split_width(n)
+    if right.shape != (m, m):
+        raise ValueError(f"width {n} = {power}·{m} needs a ({m}, {m}) right factor, got {tuple(right.shape)}")
+    x2 = x.reshape(-1, n)
+    rows = x2.shape[0]
+    if rows == 0:
+        return
+    mp = next_pow2(m)
+    _rotate_kernel[(rows,)](
+        x2, right.to(device=x.device, dtype=torch.float32).contiguous(), out, scale if scale is not None else out,
+        x2.stride(0), n, 1.0 / math.sqrt(power), float(clip_ratio),
+        M_ODD=m, POWER=power, LOG2P=power.bit_length() - 1, MP=mp,
+        QUANTIZE=scale is not None, QMAX=2 ** (bits - 1) - 1,
+        num_warps=8 if power * mp >= 8192 else 4,
+    )
+
+
+def hadamard_rotate_triton(x: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Triton kernel for :func:`hadamard_rotate_torch` (same signature and result up to float32
+    summation order in the dense factor; bit-identical when m = 1). float64 input has no fast
+    path and goes to the reference."""
+    if x.dtype == torch.float64:
+        return hadamard_rotate_torch(x, right)
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"hadamard_rotate needs a float tensor, got {x.dtype}")
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch_rotate(x, right, out, None, 8, 1.0)
+    return out
+
+
+def rotate_quantize_triton(
+    x: torch.Tensor, right: torch.Tensor, bits: int, clip_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused Triton kernel for :func:`rotate_quantize_torch`: one read of x, one int8 write."""
+    check_act_quant_args(x, bits, clip_ratio)
+    x = x.contiguous()
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    _launch_rotate(x, right, q, scale, bits, clip_ratio)
+    return q, scale

@@ -1,0 +1,97 @@
+"""INT4 weight storage: nibble packing and symmetric round-to-nearest weight quantization.
+
+Packed layout (used by every INT4 kernel here):
+
+* A logical int4 tensor ``q`` of shape (..., K) with values in [-8, 7] is stored as ``uint8`` of
+  shape (..., ceil(K / 2)).
+* Byte ``j`` holds element ``2j`` in its low nibble (bits 0-3) and element ``2j + 1`` in its high
+  nibble (bits 4-7), each as a 4-bit two's-complement number (-8 = 0b1000, -1 = 0b1111).
+* If K is odd the high nibble of the last byte is 0, so a kernel may read it as a zero weight.
+
+Weight scales: ``scale`` has shape (N, G) with G = ceil(K / group_size); element (n, k) of the
+real weight is ``q[n, k] * scale[n, k // group_size]``. ``group_size = K`` (G = 1) is per output
+channel. Scales are any float dtype; kernels read them as float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT4_MIN, INT4_MAX = -8, 7
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int4 values (int8 tensor in [-8, 7], shape (..., K)) into uint8 (..., ceil(K/2)).
+
+    Exact and invertible: ``unpack_int4(pack_int4(q), q.shape[-1]) == q``.
+    """
+    if q.dtype != torch.int8:
+        raise TypeError(f"pack_int4 needs int8 values in [-8, 7], got dtype {q.dtype}; cast with .to(torch.int8)")
+    if q.dim() == 0:
+        raise ValueError("pack_int4 needs at least one dimension (the packed axis is the last one)")
+    if q.numel() and (int(q.min()) < INT4_MIN or int(q.max()) > INT4_MAX):
+        raise ValueError(f"pack_int4 values must lie in [-8, 7], got [{int(q.min())}, {int(q.max())}]")
+    k = q.shape[-1]
+    if k % 2:
+        q = torch.nn.functional.pad(q, (0, 1))
+    nibbles = q.to(torch.int16) & 0xF  # two's complement in 4 bits
+    packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    return packed.to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: uint8 (..., ceil(k/2)) → int8 (..., k) in [-8, 7]."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"unpack_int4 needs the uint8 tensor made by pack_int4, got dtype {packed.dtype}")
+    if packed.shape[-1] != (k + 1) // 2:
+        raise ValueError(f"{k} int4 values pack into {(k + 1) // 2} bytes, but the last axis has {packed.shape[-1]}")
+    b = packed.to(torch.int16)
+    low = ((b & 0xF) ^ 8) - 8  # sign-extend a 4-bit two's-complement nibble
+    high = (((b >> 4) & 0xF) ^ 8) - 8
+    q = torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], -1)
+    return q[..., :k].to(torch.int8).contiguous()
+
+
+def num_groups(k: int, group_size: int) -> int:
+    """G = ceil(k / group_size): the number of scale columns for width k."""
+    return -(-k // group_size)
+
+
+def check_group_size(k: int, group_size: int) -> None:
+    """Group sizes the kernels accept: k itself (per channel) or a positive multiple of 64.
+
+    Multiples of 64 let every K-block of the GEMM lie inside one group, so the per-group scale is
+    applied once per block to an exact int32 partial sum.
+    """
+    if group_size != k and (group_size <= 0 or group_size % 64):
+        raise ValueError(
+            f"group_size must equal K={k} (per output channel) or be a positive multiple of 64, got {group_size}"
+        )
+
+
+def quantize_weight_int4(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest INT4 quantization of a weight (N, K), computed in float64.
+
+    Returns ``(packed uint8 (N, ceil(K/2)), scale float32 (N, G))`` with
+    ``scale = max|w_group| / 7`` (all-zero groups get scale 0 and q = 0) and
+    ``q = clamp(round(w / scale), -8, 7)``. ``group_size=None`` means per output channel.
+    GPTQ or other solvers can produce their own ``q`` and call :func:`pack_int4` directly.
+    """
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"quantize_weight_int4 needs a float (N, K) weight, got {w.dtype} {tuple(w.shape)}")
+    n, k = w.shape
+    group_size = k if group_size is None else group_size
+    check_group_size(k, group_size)
+    g = num_groups(k, group_size)
+    wd = torch.nn.functional.pad(w.to(torch.float64), (0, g * group_size - k)).reshape(n, g, group_size)
+    scale = wd.abs().amax(-1) / INT4_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(wd / safe[..., None]).clamp(INT4_MIN, INT4_MAX).reshape(n, -1)[:, :k]
+    return pack_int4(q.to(torch.int8)), scale.to(torch.float32)
+
+
+def dequantize_weight_int4(packed: torch.Tensor, scale: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """float32 (N, K) weight ``q[n, k] * scale[n, k // group_size]`` from the packed form."""
+    q = unpack_int4(packed, k).to(torch.float32)
+    cols = torch.arange(k, device=packed.device) // group_size
+    return q * scale.to(torch.float32)[:, cols]

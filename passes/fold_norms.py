@@ -20,7 +20,8 @@ from asaf_fx.passes.patterns import RMSNorm, find_rmsnorms
 _UNSUPPORTED_NORMS = (aten.layer_norm, aten.native_layer_norm, aten.group_norm, aten.rms_norm)
 
 
-def _consumers(gm: GraphModule, norm: RMSNorm) -> list:
+def _consumers(norm: RMSNorm) -> list:
+    """The linears reading the scaled norm output (through casts); anything else is an error."""
     linears = []
     for user, value in row_consumers(norm.weight_mul):
         if not is_linear(user) or user.args[0] is not value:
@@ -44,7 +45,7 @@ class FoldNorms:
         norms = find_rmsnorms(gm)
         if not norms:
             raise PatternError("fold_norms: no RMSNorm pattern (x * rsqrt(mean(x**2, -1) + eps)) in the graph")
-        weighted = [(m, _consumers(gm, m)) for m in norms if m.weight_mul is not None]
+        weighted = [(m, _consumers(m)) for m in norms if m.weight_mul is not None]
         # Check everything before changing anything, so a failed match leaves the graph as it was.
         seen: dict[str, str] = {}
         tied = embedding_storages(gm)

@@ -7,7 +7,7 @@ callers compare against that model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch.fx import GraphModule, Node
@@ -37,11 +37,6 @@ def is_op(node: object, *packets) -> bool:
 def ndim(node: Node) -> int | None:
     val = node.meta.get("val")
     return val.dim() if isinstance(val, torch.Tensor) else None
-
-
-def last_dim_size(node: Node) -> int | None:
-    val = node.meta.get("val")
-    return int(val.shape[-1]) if isinstance(val, torch.Tensor) else None
 
 
 def data_users(node: Node) -> list[Node]:
@@ -158,6 +153,3 @@ def first_node(gm: GraphModule) -> Node:
 def count_op(gm: GraphModule, target) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
 
-
-def names(nodes: Iterable[Node]) -> str:
-    return ", ".join(n.name for n in nodes)

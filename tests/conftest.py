@@ -6,6 +6,7 @@ get a deep copy, so no test sees another test's rewrites.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -189,10 +190,22 @@ def negative_graph():
     return build
 
 
+@contextlib.contextmanager
+def single_thread():
+    """Token-by-token decoding is overhead-bound: one intra-op thread is faster, and far faster
+    when the CPU is shared (OpenMP threads then wait on each other for every tiny op)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def h():
     """Helpers for test modules (``--import-mode=importlib`` makes conftest un-importable)."""
     from types import SimpleNamespace
 
     return SimpleNamespace(rel_err=rel_err, snapshot=snapshot, assert_unchanged=assert_unchanged, archs=ARCHS,
-                           make_tiny=make_tiny, tiny=TINY)
+                           make_tiny=make_tiny, tiny=TINY, single_thread=single_thread)

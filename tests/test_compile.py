@@ -31,12 +31,12 @@ def test_rotation_only_compile_preserves_logits(arch, compiled, tiny_models, h):
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_greedy_decoding_matches_transformers_generate(arch, compiled, tiny_models):
+def test_greedy_decoding_matches_transformers_generate(arch, compiled, tiny_models, h):
     model = tiny_models[arch]
     prompt = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
+    with torch.no_grad(), h.single_thread():
         ref = model.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
-    ours = compiled[arch].generate(prompt, max_new_tokens=32, eos_token_id=[])
+        ours = compiled[arch].generate(prompt, max_new_tokens=32, eos_token_id=[])
     assert ours.shape == (1, 39)
     assert torch.equal(ours, ref)
 

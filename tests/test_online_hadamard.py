@@ -19,6 +19,7 @@ def test_inserts_one_rotation_per_mlp_and_keeps_logits(arch, captured, tiny_mode
     assert count_op(gm, HADAMARD) == tiny_models[arch].config.num_hidden_layers
     for d, w in zip(downs, before):
         assert d.args[0].target is HADAMARD
+        assert d.args[0].meta["nn_module_stack"] == d.meta["nn_module_stack"]  # provenance kept
         assert get_tensor(gm, d.args[0].args[1]).shape == (5, 5)  # 160 = 32 · 5
         assert not torch.allclose(get_tensor(gm, d.args[1]), w)
     ref = tiny_models[arch](tiny_ids).logits

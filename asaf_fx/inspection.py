@@ -76,8 +76,9 @@ def layers(gm: GraphModule) -> list[LayerInfo]:
 
 def _table(gm: GraphModule, infos: list[LayerInfo]) -> Table:
     meta = gm.meta.get(META_KEY, {})
-    offline = ", ".join(f"{r['pass']}({r.get('kind', '')} w={r['width']})" for r in meta.get("rotations", [])
-                        if "width" in r) or "none"
+    # Offline rotations leave no node behind; the passes record them (with their width) in gm.meta.
+    offline = ", ".join(f"{r['pass']}({' '.join(filter(None, [r.get('kind'), 'w=%d' % r['width']]))})"
+                        for r in meta.get("rotations", []) if "width" in r) or "none"
     table = Table(title=f"{meta.get('architecture', 'graph')} [{meta.get('kind', '?')}] — offline rotations: {offline}")
     for col in ("layer", "nodes", "linears (out×in)", "attention", "online rotations", "norm scales"):
         table.add_column(col)

@@ -52,5 +52,5 @@ class RotateValueOutput:
                 update_tensor(gm, bias, lambda v, b=_blockdiag(h, kv_heads): v @ b)
             update_tensor(gm, att.o_proj.args[1], lambda w, b=_blockdiag(h, q_heads): w @ b)
         gm.meta.setdefault(META_KEY, {}).setdefault("rotations", []).append(
-            {"pass": self.name, "seed": self.seed, "count": len(attentions)})
+            {"pass": self.name, "seed": self.seed, "count": len(attentions), "width": attentions[0].head_dim})
         return PassResult(gm, True)

@@ -25,7 +25,8 @@ def test_table_on_a_compiled_model_shows_rotations(compiled_llama):
         assert len(info.linears) == 7 and info.norm_scales == 0
     assert infos[-1].linears == [("lm_head.weight", (256, 96))]
     text = console.file.getvalue()
-    assert "rotate_residual" in text and "H160" in text and "H48" in text
+    assert "rotate_residual(hadamard w=96)" in text and "rotate_vo(w=48)" in text
+    assert "H160" in text and "H48" in text
 
 
 def test_table_on_a_captured_graph_shows_unfolded_norms(captured):

@@ -1,0 +1,102 @@
+"""Capture a Hugging Face causal LM as aten graphs with ``torch.export`` (non-strict).
+
+Two graphs: ``capture_forward`` (whole sequences, no cache, dynamic batch and length: perplexity,
+prefill, scoring) and ``capture_decode`` (token steps writing a static KV cache held as buffers in
+the graph: greedy decoding). Each GraphModule records in ``gm.meta["asaf_fx"]`` its kind, the
+example inputs in placeholder order (for shape propagation) and the model config.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch.export import Dim
+from torch.fx import GraphModule
+
+from asaf_fx.passes.infra import META_KEY, propagate_shapes
+
+
+class UnsupportedModelError(ValueError):
+    """The object cannot be captured as a decoder-only causal LM."""
+
+
+def check_model(model: object) -> None:
+    """Clear errors for inputs the capture cannot handle."""
+    if not isinstance(model, torch.nn.Module):
+        raise UnsupportedModelError(f"expected a transformers causal LM (torch.nn.Module), got {type(model).__name__}")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a causal LM with an output head; load it with "
+            "transformers.AutoModelForCausalLM")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{type(model).__name__} is an encoder-decoder model; only decoder-only LMs are supported")
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise UnsupportedModelError(
+            f"{len(meta)} parameters are on the meta device (e.g. {meta[0]}); load real weights "
+            "(no device_map='meta' / init_empty_weights) before compiling")
+
+
+def _record(gm: GraphModule, kind: str, example_inputs: tuple, model) -> GraphModule:
+    config = getattr(model, "config", None)
+    gm.meta[META_KEY] = {"kind": kind, "example_inputs": example_inputs,
+                         "model_type": getattr(config, "model_type", None),
+                         "architecture": type(model).__name__}
+    propagate_shapes(gm)
+    return gm
+
+
+def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict | None = None,
+                   dynamic_shapes=None) -> GraphModule:
+    """Export any module (non-strict) to a GraphModule ready for the passes (tests, custom models).
+
+    Shapes are propagated with ``args`` followed by ``kwargs`` values, in placeholder order.
+    """
+    kwargs = kwargs or {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # export's notes on lifted constants are not actionable here
+        gm = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False).module()
+    return _record(gm, "module", tuple(args) + tuple(kwargs.values()), module)
+
+
+def capture_forward(model: torch.nn.Module, example_ids: torch.Tensor | None = None) -> GraphModule:
+    """Full-sequence forward without cache; call the result as ``gm(input_ids, use_cache=False)``."""
+    check_model(model)
+    device = next(model.parameters()).device
+    ids = example_ids if example_ids is not None else torch.zeros(2, 8, dtype=torch.long, device=device)
+    gm = capture_module(model, (ids,), {"use_cache": False}, dynamic_shapes=({0: Dim("batch"), 1: Dim("seq")}, None))
+    # Shapes are re-propagated on a small input: cheaper, and any length works (dynamic export).
+    return _record(gm, "forward", (ids[:1, :4], False), model)
+
+
+def capture_decode(model: torch.nn.Module, max_cache_len: int = 256) -> GraphModule:
+    """One-token decode step with a static KV cache of ``max_cache_len`` positions (batch 1).
+
+    Call the result as ``gm(input_ids=ids[:, i:i+1], cache_position=torch.tensor([i]))``; it returns
+    logits and updates the cache buffers inside the module.
+    """
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    check_model(model)
+    device = next(model.parameters()).device
+    saved = model.generation_config
+    # The recipe reads the cache kind from the generation config; set it on a copy, then restore.
+    model.generation_config = copy.deepcopy(saved)
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.use_cache = True
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_cache_len,
+                                                            device=device)
+            ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+            pos = torch.zeros(1, dtype=torch.long, device=device)
+            ep = wrapper.export(input_ids=ids, cache_position=pos, strict=False)
+            gm = ep.module()
+    finally:
+        model.generation_config = saved
+    gm.meta["max_cache_len"] = max_cache_len
+    return _record(gm, "decode", (ids, pos), model)

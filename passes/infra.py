@@ -1,0 +1,97 @@
+"""Pass infrastructure: a result type, a clear error type and a manager that checks every pass.
+
+Mirrors ``torch.fx.passes.infra``: a pass takes a GraphModule and returns ``PassResult(graph_module,
+modified)``. ``PassManager`` runs passes in order and, after each one that changed the graph, lints
+it, regenerates its code and re-propagates shapes (``node.meta["val"]``) with fake tensors on the
+example inputs recorded at capture, so a pass that leaves a broken graph is named at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx import GraphModule, Node
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+log = logging.getLogger(__name__)
+
+META_KEY = "asaf_fx"  # gm.meta[META_KEY]: capture record (kind, example inputs, rotations, ...)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass returns: the (possibly rewritten in place) module and whether it changed."""
+
+    graph_module: GraphModule
+    modified: bool
+
+
+class PatternError(ValueError):
+    """A pass did not find the graph pattern it needs; names the node where matching failed."""
+
+    def __init__(self, message: str, node: Node | None = None) -> None:
+        where = f" (at node {node.name!r}: {node.format_node()})" if node is not None else ""
+        super().__init__(message + where)
+        self.node = node
+
+
+class PassFailedError(RuntimeError):
+    """A pass ran but left a graph that does not lint or does not propagate shapes."""
+
+
+GraphPass = Callable[[GraphModule], PassResult]
+
+
+def pass_name(p: GraphPass) -> str:
+    return getattr(p, "name", None) or getattr(p, "__name__", None) or type(p).__name__
+
+
+def propagate_shapes(gm: GraphModule, example_inputs: Sequence[Any] | None = None) -> None:
+    """Recompute ``node.meta["val"]`` for every node with fake tensors (no real compute).
+
+    ``example_inputs`` are in placeholder order; by default the ones recorded at capture.
+    """
+    if example_inputs is None:
+        example_inputs = gm.meta.get(META_KEY, {}).get("example_inputs")
+    if example_inputs is None:
+        raise ValueError("no example inputs to propagate shapes with; capture the graph with asaf_fx.passes.capture")
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(*example_inputs)
+
+
+def check_graph(gm: GraphModule) -> None:
+    """Lint, regenerate code and re-propagate shapes; raises whatever goes wrong."""
+    gm.graph.lint()
+    gm.recompile()
+    propagate_shapes(gm)
+
+
+class PassManager:
+    """Runs ``passes`` in order; after each that modified the graph, checks it (see module doc)."""
+
+    def __init__(self, passes: Sequence[GraphPass], *, check: bool = True) -> None:
+        self.passes = list(passes)
+        self.check = check
+
+    def __call__(self, gm: GraphModule) -> PassResult:
+        modified = False
+        for p in self.passes:
+            name = pass_name(p)
+            result = p(gm)
+            if not isinstance(result, PassResult):
+                raise TypeError(f"pass {name} returned {type(result).__name__}, expected PassResult")
+            gm = result.graph_module
+            modified |= result.modified
+            log.debug("pass %s: modified=%s", name, result.modified)
+            if result.modified and self.check:
+                try:
+                    check_graph(gm)
+                except Exception as exc:
+                    raise PassFailedError(f"pass {name} left an invalid graph: {exc}") from exc
+            gm.meta.setdefault(META_KEY, {}).setdefault("passes", []).append(name)
+        return PassResult(gm, modified)

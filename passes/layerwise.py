@@ -54,6 +54,19 @@ class LayerwiseRunner:
     def num_layers(self) -> int:
         return self.split.num_layers
 
+    def layer_module(self, layer: int) -> GraphModule:
+        return getattr(self.split.module, self.split.layers[layer])
+
+    def parameter_targets(self, layer: int) -> dict[str, str]:
+        """Placeholder name in the layer's submodule → attribute of the parameter it receives."""
+        call = self._calls[layer + 1]
+        placeholders = [n.name for n in self.layer_module(layer).graph.find_nodes(op="placeholder")]
+        return {
+            placeholder: arg.target
+            for placeholder, arg in zip(placeholders, call.args, strict=True)
+            if isinstance(arg, Node) and arg.op == "get_attr"
+        }
+
     def _run(self, index: int, state: State, call: LayerCall | None = None) -> State:
         interpreter = self._interpreter
         env = dict(state)

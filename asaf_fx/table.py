@@ -10,6 +10,8 @@ and every sparsity level ``k`` the table holds
   numbers, since pruning whole channels at a fixed granularity is not exactly linear in s.
 
 Entries with ``start + length > p`` describe no group and must be NaN in ``degradation``.
+``measured`` marks which finite entries were measured; the others were estimated by calibration
+from the measured ones (by default every finite entry counts as measured).
 Files are safetensors (arrays) with the metadata as JSON in the safetensors header; nothing is
 ever unpickled.
 """
@@ -58,6 +60,8 @@ class SensitivityTable:
         flops: optional shape (p, p, S) table H of the pruned group's FLOPs per token. Defaults to
             ``sum(layer_flops[i:i+n]) * (1 - sparsities[k])``.
         meta: JSON-serialisable dict (model, metric, calibration settings, ...).
+        measured: optional (p, p, S) bool mask of the entries that were measured rather than
+            estimated; default: every non-NaN entry.
     """
 
     layer_flops: np.ndarray
@@ -65,6 +69,7 @@ class SensitivityTable:
     degradation: np.ndarray
     flops: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    measured: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         layer_flops = _as_float_array("layer_flops", self.layer_flops, 1)
@@ -78,7 +83,7 @@ class SensitivityTable:
         if not np.all(np.isfinite(layer_flops)) or np.any(layer_flops <= 0):
             bad = int(np.flatnonzero(~np.isfinite(layer_flops) | (layer_flops <= 0))[0])
             raise ValueError(
-                f"SensitivityTable: layer_flops must be finite and positive; layer {bad} has {layer_flops[bad]!r}"
+                f"SensitivityTable: layer_flops must be finite and positive; layer {bad} has {float(layer_flops[bad])!r}"
             )
         if not np.all(np.isfinite(sparsities)) or np.any(sparsities < 0) or np.any(sparsities >= 1):
             raise ValueError(f"SensitivityTable: every sparsity must lie in [0, 1); got {sparsities.tolist()}")
@@ -114,9 +119,17 @@ class SensitivityTable:
             if np.any(bad):
                 i, n1, k = (int(v) for v in np.argwhere(bad)[0])
                 raise ValueError(
-                    f"SensitivityTable: flops[{i}, {n1}, {k}] = {flops[i, n1, k]!r}; FLOPs must be finite and "
+                    f"SensitivityTable: flops[{i}, {n1}, {k}] = {float(flops[i, n1, k])!r}; FLOPs must be finite and "
                     "non-negative wherever degradation is measured"
                 )
+        if self.measured is None:
+            measured = ~np.isnan(degradation)
+        else:
+            measured = np.array(self.measured, dtype=bool)
+            if measured.shape != expected:
+                raise ValueError(f"SensitivityTable: measured must have shape {expected}; got {measured.shape}")
+            if np.any(measured & np.isnan(degradation)):
+                raise ValueError("SensitivityTable: an entry is marked measured but its degradation is NaN")
         meta = dict(self.meta or {})
         try:
             json.dumps(meta)
@@ -127,6 +140,7 @@ class SensitivityTable:
             ("sparsities", sparsities),
             ("degradation", degradation),
             ("flops", flops),
+            ("measured", measured),
         ):
             value.setflags(write=False)
             object.__setattr__(self, name, value)
@@ -160,6 +174,7 @@ class SensitivityTable:
             "sparsities": np.ascontiguousarray(self.sparsities),
             "degradation": np.ascontiguousarray(self.degradation),
             "flops": np.ascontiguousarray(self.flops),
+            "measured": self.measured.astype(np.uint8),
         }
         header = {"schema": TABLE_SCHEMA, "meta": json.dumps(self.meta, sort_keys=True)}
         with atomic_path(path) as tmp:
@@ -196,4 +211,5 @@ class SensitivityTable:
             degradation=arrays["degradation"],
             flops=arrays["flops"],
             meta=meta,
+            measured=arrays["measured"].astype(bool) if "measured" in arrays else None,
         )

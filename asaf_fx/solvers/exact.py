@@ -9,8 +9,9 @@ rounded costs sum to at most ``b`` units:
 The group count is not fixed: it falls out of the recursion. The answer is F[0, B] and it is
 optimal for the rounded problem. Among optimal plans the one using the least budget is returned.
 
-Cost: O(p² · S · B) time (each layer i looks at p − i lengths × S levels × B + 1 budgets, vectorised
-per i), O(p · B) memory.
+Cost: O(p² · S · B) time in the worst case (each layer i looks at p − i lengths × S levels × B + 1
+budgets, vectorised per i); options whose cost alone exceeds the budget are skipped, so on real
+tables, where long groups at high sparsity are over budget, the work is far less. O(p · B) memory.
 """
 
 from __future__ import annotations
@@ -26,24 +27,32 @@ from asaf_fx.sparsity_plan import Plan
 def solve_exact(problem: Problem) -> Plan:
     started = time.perf_counter()
     p, levels, budget = problem.num_layers, problem.num_levels, problem.budget_units
-    # Column budget + 1 is an infinite sentinel: an index b - cost < 0 is redirected there.
-    best = np.full((p + 1, budget + 2), np.inf)
-    best[p, : budget + 1] = 0.0
+    # Row r of `best` holds B + 1 infinities and then F[r, 0..B], so reading F[r, b - cost] at
+    # column B + 1 + b - cost never needs a bounds check (cost <= B + 1 by construction).
+    width = 2 * budget + 2
+    best = np.full((p + 1, width), np.inf)
+    best[p, budget + 1 :] = 0.0
+    flat = best.ravel()
     choice = np.zeros((p, budget + 1), dtype=np.int64)
     b = np.arange(budget + 1)
     states = 0
     for i in range(p - 1, -1, -1):
         lengths = p - i
-        cost = problem.units[i, :lengths, :]  # (n, K)
-        remaining = b[None, None, :] - cost[:, :, None]  # (n, K, B+1)
-        remaining = np.where(remaining < 0, budget + 1, remaining)
-        rows = (i + 1 + np.arange(lengths))[:, None, None]
-        candidates = problem.flops[i, :lengths, :, None] + best[rows, remaining]
-        candidates = candidates.reshape(lengths * levels, budget + 1)
-        pick = np.argmin(candidates, axis=0)
-        best[i, : budget + 1] = candidates[pick, b]
-        choice[i] = pick
+        cost = problem.units[i, :lengths, :].ravel()  # (n·K,), option o = (n - 1)·K + k
+        # Options over budget (or unmeasured) can never be chosen: skip them. Long groups at high
+        # sparsity usually are, which makes real tables much cheaper than the worst case.
+        options = np.flatnonzero(cost <= budget)
+        if options.size == 0:
+            continue
+        rows = i + 1 + options // levels
+        offset = rows * width + (budget + 1) - cost[options]
+        candidates = flat.take(b[:, None] + offset[None, :])  # (B+1, options)
+        candidates += problem.flops[i, :lengths, :].ravel()[options][None, :]
+        pick = np.argmin(candidates, axis=1)
+        best[i, budget + 1 :] = candidates[b, pick]
+        choice[i] = options[pick]
         states += candidates.size
+    best = best[:, budget + 1 :]
     if not np.isfinite(best[0, budget]):
         raise_infeasible(problem, "exact")
     # F[0, ·] is non-increasing in b; take the smallest budget that already reaches the optimum.

@@ -1,0 +1,1 @@
+"""Measuring sensitivity tables: which entries to measure, resumable progress, estimation."""

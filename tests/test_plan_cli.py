@@ -1,0 +1,44 @@
+"""python -m asaf_fx.plan end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from asaf_fx import Plan
+from asaf_fx.plan import main
+from asaf_fx.synthetic import synthetic_table
+
+
+def test_cli_solves_a_saved_table_and_writes_the_plan(tmp_path, capsys):
+    table_path = tmp_path / "table.safetensors"
+    synthetic_table(8, seed=2).save(table_path)
+    out = tmp_path / "plans" / "plan.json"
+    assert main([str(table_path), "--max-degradation", "0.01", "--method", "two-phase", "--out", str(out)]) == 0
+    plan = Plan.from_json(out.read_text(), num_layers=8)
+    assert plan.method == "two-phase"
+    printed = capsys.readouterr().out
+    assert "FLOPs saved" in printed and "predicted degradation" in printed
+    assert f"{1 - plan.flops_ratio:.2%}" in printed
+
+
+def test_cli_reports_infeasible_budget_without_traceback(tmp_path, capsys):
+    table_path = tmp_path / "table.safetensors"
+    synthetic_table(8).save(table_path)
+    assert main([str(table_path), "--max-degradation", "0.00001", "--out", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert "smallest achievable degradation" in err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_cli_runs_as_a_module(tmp_path):
+    table_path = tmp_path / "table.safetensors"
+    synthetic_table(5).save(table_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "asaf_fx.plan", str(table_path), "--max-degradation", "0.02"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ASAF plan (exact)" in done.stdout

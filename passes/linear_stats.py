@@ -36,21 +36,32 @@ class LinearStats:
 
 
 class _Recorder(Interpreter):
+    """Runs one layer submodule, adding each recorded linear's input rows to its statistics.
+
+    Linears reading the same value (q/k/v, gate/up) share one statistics object, accumulated once.
+    """
+
     def __init__(self, module: GraphModule, targets: dict[str, str], stats: dict[str, LinearStats]) -> None:
         super().__init__(module)
         self.targets = targets
         self.stats = stats
+        self.by_input: dict[Node, LinearStats] = {}
 
     def run_node(self, node: Node):
         if is_op(node, aten.linear) and isinstance(node.args[1], Node) and node.args[1].name in self.targets:
-            x = self.env[node.args[0]]
-            rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-            target = self.targets[node.args[1].name]
-            entry = self.stats.get(target)
-            if entry is None:
-                entry = self.stats[target] = LinearStats(torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64))
-            entry.hessian += rows.T @ rows
-            entry.rows += rows.shape[0]
+            source, target = node.args[0], self.targets[node.args[1].name]
+            if source in self.by_input:
+                self.stats.setdefault(target, self.by_input[source])
+            else:
+                x = self.env[source]
+                rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+                entry = self.stats.get(target)
+                if entry is None:
+                    zeros = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
+                    entry = self.stats[target] = LinearStats(zeros)
+                entry.hessian += rows.T @ rows
+                entry.rows += rows.shape[0]
+                self.by_input[source] = entry
         return super().run_node(node)
 
 

@@ -32,14 +32,15 @@ class OnlineHadamardDown:
             raise PatternError("online_hadamard_down: no SwiGLU (down(silu(gate(x)) * up(x))) in the graph")
         for mlp in mlps:
             width = get_tensor(gm, mlp.down.args[1]).shape[1]
-            right, dense = online_rotation(width, self.seed, "down")
-            right_node = add_constant(gm, f"asaf_hadamard_right_down_{width}", right.to(torch.float32), first_node(gm))
+            rotation = online_rotation(width, self.seed, "down")
+            right_node = add_constant(gm, f"asaf_hadamard_right_down_{width}", rotation.right.to(torch.float32),
+                                      first_node(gm))
             with gm.graph.inserting_before(mlp.down):
                 rot = gm.graph.call_function(torch.ops.asaf_fx.hadamard_rotate.default, (mlp.product, right_node))
             rot.meta["asaf_fx"] = {"rotation": "online_hadamard_down", "width": int(width)}
             rot.meta["nn_module_stack"] = mlp.down.meta.get("nn_module_stack", {})
             mlp.down.replace_input_with(mlp.product, rot)
-            update_tensor(gm, mlp.down.args[1], lambda w, r=dense: w @ r)
+            update_tensor(gm, mlp.down.args[1], rotation.apply)
         gm.meta.setdefault(META_KEY, {}).setdefault("rotations", []).append(
             {"pass": self.name, "seed": self.seed, "count": len(mlps)})
         return PassResult(gm, True)

@@ -37,7 +37,7 @@ class RotateQueryKey:
         for att in attentions:
             targets.update({att.q: att.head_dim, att.k: att.head_dim})
         for rope, hd in targets.items():
-            right, _ = online_rotation(hd, self.seed, "query-key")
+            right = online_rotation(hd, self.seed, "query-key").right
             right_node = add_constant(gm, f"asaf_hadamard_right_qk_{hd}", right.to(torch.float32), first_node(gm))
             users = data_users(rope)
             with gm.graph.inserting_after(rope):

@@ -41,13 +41,13 @@ class RotateResidual:
                                    f"the embedding has {width}", lin)
         q = residual_rotation(width, self.seed, self.kind)
         for e in rs.embeddings:
-            update_tensor(gm, e.args[0], lambda w: w @ q)
+            update_tensor(gm, e.args[0], q.apply)
         for lin in rs.readers:
-            update_tensor(gm, lin.args[1], lambda w: w @ q)
+            update_tensor(gm, lin.args[1], q.apply)
         for lin in rs.writers:
-            update_tensor(gm, lin.args[1], lambda w: q.T @ w)
+            update_tensor(gm, lin.args[1], q.apply_left_transposed)
             if (bias := linear_bias(lin)) is not None:
-                update_tensor(gm, bias, lambda b: b @ q)
+                update_tensor(gm, bias, q.apply)
         gm.meta.setdefault(META_KEY, {}).setdefault("rotations", []).append(
             {"pass": self.name, "kind": self.kind, "seed": self.seed, "width": int(width),
              "readers": len(rs.readers), "writers": len(rs.writers)})

@@ -44,7 +44,7 @@ class RotateValueOutput:
                                    f"multiples of head_dim {att.head_dim}", att.sdpa)
         for att in attentions:
             hd = att.head_dim
-            _, h = online_rotation(hd, self.seed, "value")
+            h = online_rotation(hd, self.seed, "value").matrix()
             kv_heads = get_tensor(gm, att.v_proj.args[1]).shape[0] // hd
             q_heads = get_tensor(gm, att.o_proj.args[1]).shape[1] // hd
             update_tensor(gm, att.v_proj.args[1], lambda w, b=_blockdiag(h, kv_heads): b.T @ w)

@@ -10,10 +10,11 @@ function of (seed, tag, n), so two graphs captured from one model get identical 
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 
 import torch
 
-from asaf_fx.triton_kernels.hadamard import rotation_matrix, split_width
+from asaf_fx.triton_kernels.hadamard import hadamard_rotate_torch, split_width
 
 KINDS = ("hadamard", "orthogonal")
 
@@ -36,14 +37,43 @@ def right_factor(n: int, seed: int, tag: str) -> torch.Tensor:
     return torch.eye(1, dtype=torch.float64) if m == 1 else random_orthogonal(m, seed, tag + ":right")
 
 
-def online_rotation(n: int, seed: int, tag: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(right factor, dense matrix R) with ``hadamard_rotate(x, right) == x @ R``; both float64."""
-    right = right_factor(n, seed, tag)
-    return right, rotation_matrix(n, right)
+@dataclass(frozen=True)
+class Rotation:
+    """An orthogonal Q of width n: diag(signs) · kron(H_{2^k}/√2^k, right), or a dense matrix.
+
+    ``apply(w)`` computes w·Q along the last axis in float64 with the fast transform
+    (O(n log n + n·m) per row instead of O(n²)), which matters for 49k-row embedding matrices.
+    """
+
+    width: int
+    right: torch.Tensor | None = None  # (m, m) odd factor, float64
+    signs: torch.Tensor | None = None  # (n,) ±1, float64
+    dense: torch.Tensor | None = None  # (n, n) float64, for the "orthogonal" kind
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        """w · Q (rows of w rotated)."""
+        w = w.to(torch.float64)
+        if self.dense is not None:
+            return w @ self.dense
+        if self.signs is not None:
+            w = w * self.signs
+        return hadamard_rotate_torch(w, self.right)
+
+    def apply_left_transposed(self, w: torch.Tensor) -> torch.Tensor:
+        """Qᵀ · w (columns of w rotated)."""
+        return self.apply(w.T).T
+
+    def matrix(self) -> torch.Tensor:
+        return self.apply(torch.eye(self.width, dtype=torch.float64))
 
 
-def residual_rotation(n: int, seed: int, kind: str = "hadamard") -> torch.Tensor:
-    """Dense (n, n) orthogonal float64 matrix Q for the residual stream.
+def online_rotation(n: int, seed: int, tag: str) -> Rotation:
+    """kron(H_{2^k}/√2^k, R_m): exactly what ``hadamard_rotate(x, rotation.right)`` applies to x."""
+    return Rotation(n, right=right_factor(n, seed, tag))
+
+
+def residual_rotation(n: int, seed: int, kind: str = "hadamard") -> Rotation:
+    """Orthogonal Q for the residual stream.
 
     ``hadamard``: diag(random ±1) · kron(H_{2^k}/√2^k, R_m) (QuaRot's randomised Hadamard);
     ``orthogonal``: Haar-random orthogonal.
@@ -51,8 +81,7 @@ def residual_rotation(n: int, seed: int, kind: str = "hadamard") -> torch.Tensor
     if kind not in KINDS:
         raise ValueError(f"rotation kind {kind!r} is not one of {KINDS}")
     if kind == "orthogonal":
-        return random_orthogonal(n, seed, "residual")
+        return Rotation(n, dense=random_orthogonal(n, seed, "residual"))
     g = generator(seed, "residual-signs", n)
     signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.int64).to(torch.float64) * 2 - 1
-    _, dense = online_rotation(n, seed, "residual")
-    return signs.unsqueeze(1) * dense
+    return Rotation(n, right=right_factor(n, seed, "residual"), signs=signs)

@@ -1,0 +1,41 @@
+import dataclasses
+import json
+
+import pytest
+
+from asaf_fx import QuantConfig
+
+
+def test_defaults_are_rotation_only():
+    q = QuantConfig()
+    assert (q.w_bits, q.a_bits, q.kv_bits, q.rotate, q.seed) == (16, 16, 16, True, 0)
+    assert not q.quantizes and QuantConfig(kv_bits=4).quantizes
+
+
+def test_round_trip_through_json():
+    q = QuantConfig(w_bits=4, a_bits=8, kv_bits=4, w_method="gptq", rotation="orthogonal", seed=7)
+    d = json.loads(json.dumps(q.to_dict()))
+    assert d["version"] == QuantConfig.version
+    assert QuantConfig.from_dict(d) == q
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        QuantConfig().w_bits = 4
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"w_bits": 3}, "w_bits=3"), ({"a_bits": 32}, "a_bits=32"), ({"kv_bits": True}, "kv_bits=True"),
+    ({"w_method": "awq"}, "w_method"), ({"rotation": "givens"}, "rotation"), ({"seed": -1}, "seed"),
+    ({"rotate": 1}, "rotate"),
+])
+def test_validation_names_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantConfig(**kwargs)
+
+
+def test_from_dict_rejects_unknown_fields_and_versions():
+    with pytest.raises(ValueError, match="unknown QuantConfig fields"):
+        QuantConfig.from_dict({"w_bits": 16, "group_size": 128})
+    with pytest.raises(ValueError, match="version 99"):
+        QuantConfig.from_dict({"version": 99})

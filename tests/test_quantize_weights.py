@@ -1,0 +1,56 @@
+"""Layer-by-layer weight quantization of a split graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asaf_fx.passes.layerwise import LayerwiseRunner
+from asaf_fx.passes.quantize_weights import WeightQuantSpec, linear_weight_targets, quantize_layer_weights
+from asaf_fx.passes.split_layers import split_decoder_layers
+
+
+def quantized_logits(captured, arch, spec, calibration, ids):
+    runner = LayerwiseRunner(split_decoder_layers(captured(arch)))
+    states = [runner.start(batch, False) for batch in calibration]
+    results = quantize_layer_weights(runner, states, spec)
+    return runner.run(ids, False)[0], results, runner
+
+
+def calibration_batches(count=4):
+    return [torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(10 + s)) for s in range(count)]
+
+
+def test_every_decoder_linear_is_quantized_and_lm_head_is_not(captured):
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    _, results, runner = quantized_logits(captured, "qwen2", WeightQuantSpec(bits=4, method="rtn"), calibration_batches(1), ids)
+    expected = [t for layer in range(runner.num_layers) for t in linear_weight_targets(runner, layer)]
+    assert sorted(results) == sorted(expected) and len(expected) == 7 * runner.num_layers
+    module = runner.split.module
+    for target, q in results.items():
+        assert torch.equal(module.get_parameter(target), q.dequantize())
+        assert int(q.codes.abs().max()) <= 8
+    assert not any("lm_head" in t for t in results)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gptq_beats_rtn_and_8_bits_are_nearly_lossless(arch, captured, tiny_ids):
+    reference = captured(arch)(tiny_ids, use_cache=False).logits
+    calibration = calibration_batches()
+
+    def error(spec):
+        logits, _, _ = quantized_logits(captured, arch, spec, calibration, tiny_ids)
+        return float(((logits - reference) ** 2).mean() / (reference**2).mean())
+
+    rtn4 = error(WeightQuantSpec(bits=4, method="rtn"))
+    gptq4 = error(WeightQuantSpec(bits=4, method="gptq"))
+    rtn8 = error(WeightQuantSpec(bits=8, method="rtn"))
+    assert gptq4 < rtn4
+    assert rtn8 < 1e-3 * rtn4 * 10 and rtn8 < 1e-3
+
+
+def test_bad_spec():
+    with pytest.raises(ValueError, match="weight bits must be one of"):
+        WeightQuantSpec(bits=3)
+    with pytest.raises(ValueError, match="weight method must be one of"):
+        WeightQuantSpec(method="awq")

@@ -15,6 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# triton.jit picks compiled or interpreted kernels when a kernel module is imported, so the
+# interpreter must be chosen before any test imports asaf_fx.ops: without a GPU, interpret.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -17,11 +17,9 @@ Computation runs in float64 on the weight's device.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
+from asaf_fx._threads import single_thread
 from asaf_fx.passes.rtn import QuantizedWeight, check_bits, qmax, search_scales
 
 
@@ -41,19 +39,6 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
         raise ValueError("GPTQ: the Hessian is not positive definite even after raising the dampening")
     inverse = torch.cholesky_inverse(factor)
     return torch.linalg.cholesky(inverse, upper=True)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """The column loop runs thousands of ops on vectors of a few hundred elements; with several
-    intra-op threads each op pays a thread hand-off that costs more than the arithmetic (measured
-    25× slower on 2 busy cores). The blocked matmuls outside the loop keep every thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def quantize_gptq(
@@ -98,7 +83,8 @@ def quantize_gptq(
         block = w[:, start:stop].clone()
         errors = torch.zeros_like(block)
         block_inverse = inverse[start:stop, start:stop]
-        with _one_thread():
+        # Thousands of ops on vectors of a few hundred elements: one thread is far faster.
+        with single_thread():
             for j in range(stop - start):
                 scale = column_scale[:, start + j]
                 q = torch.clamp(torch.round(block[:, j] / scale), -top - 1, top)

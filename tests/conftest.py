@@ -6,7 +6,6 @@ get a deep copy, so no test sees another test's rewrites.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 import os
@@ -19,6 +18,8 @@ import torch
 # interpreter must be chosen before any test imports asaf_fx.ops: without a GPU, interpret.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from asaf_fx._threads import single_thread  # noqa: E402  (after the interpreter choice)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -193,18 +194,6 @@ def negative_graph():
         return capture_module(module, (torch.randn(1, 5, 24),))
 
     return build
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Token-by-token decoding is overhead-bound: one intra-op thread is faster, and far faster
-    when the CPU is shared (OpenMP threads then wait on each other for every tiny op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -96,6 +96,13 @@ def test_estimates_fill_long_groups_and_keep_measured_values():
     assert np.isnan(degradation[5, 3, 0])  # layers 5..8 do not exist
 
 
+def test_a_missing_single_layer_spoils_only_the_groups_that_contain_it():
+    values = {e: fake_measure(e) for e in planned_entries(5, 1, "per-layer") if e != (1, 1, 0)}
+    degradation, _, _ = complete_table(5, 1, values)
+    assert np.isnan(degradation[0, 1, 0]) and np.isnan(degradation[1, 0, 0])  # groups with layer 1
+    assert degradation[2, 2, 0] == pytest.approx(sum(values[(i, 1, 0)] for i in (2, 3, 4)))
+
+
 def test_plain_sums_when_only_single_layers_were_measured():
     values = {e: fake_measure(e) for e in planned_entries(4, 1, "per-layer")}
     degradation, measured, info = complete_table(4, 1, values)

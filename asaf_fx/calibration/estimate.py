@@ -75,13 +75,18 @@ def select_group_model(
 def singles_sum(singles: np.ndarray) -> np.ndarray:
     """(p, p, S) array: Σ of single-layer values over layers i..i+n-1 (NaN if any is missing)."""
     p, levels = singles.shape
-    prefix = np.concatenate([np.zeros((1, levels)), np.cumsum(singles, axis=0)])
+    missing = np.isnan(singles)
+    # Prefix sums over zero-filled values, and a prefix count of the missing ones: a NaN in a
+    # plain cumsum would spoil every later group, not only the groups that contain it.
+    prefix = np.concatenate([np.zeros((1, levels)), np.cumsum(np.where(missing, 0.0, singles), axis=0)])
+    holes = np.concatenate([np.zeros((1, levels), dtype=np.int64), np.cumsum(missing, axis=0)])
     start = np.arange(p)[:, None]
     stop = start + np.arange(1, p + 1)[None, :]
     valid = stop <= p
     stop = np.minimum(stop, p)
     total = prefix[stop] - prefix[start]
-    return np.where(valid[:, :, None], total, np.nan)
+    complete = (holes[stop] - holes[start]) == 0
+    return np.where(valid[:, :, None] & complete, total, np.nan)
 
 
 def complete_table(

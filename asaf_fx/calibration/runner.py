@@ -41,8 +41,9 @@ def measure_entries(
     known: dict[Entry, float] = {}
     for path in progress_files(out):
         known.update(Progress(path, fingerprint).values)
+    wanted = set(entries)
     mine = Progress(f"{out}.progress-{rank}.json", fingerprint)
-    mine.values.update({e: v for e, v in known.items() if e in set(entries)})
+    mine.values.update({e: v for e, v in known.items() if e in wanted})
     todo = [e for index, e in enumerate(entries) if index % world == rank and e not in known]
     for entry in todo:
         value = float(measure(entry))
@@ -57,7 +58,6 @@ def measure_entries(
         dist.all_gather_object(gathered, values)
         for part in gathered:
             values.update(part or {})
-    wanted = set(entries)
     return {e: v for e, v in sorted(values.items()) if e in wanted}
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from torch.fx import GraphModule, Node
 
 from asaf_fx.passes.graph_utils import aten, data_users, is_head_layout, is_linear, is_op, ndim, source_through
+from asaf_fx.passes.infra import PatternError
 
 
 def _other(node: Node, known: Node) -> object:
@@ -147,3 +148,14 @@ def find_attentions(gm: GraphModule) -> tuple[list[Attention], list[str]]:
             m = match_attention(n)
             (found if isinstance(m, Attention) else failed).append(m)
     return found, failed
+
+
+def require_attentions(gm: GraphModule, who: str) -> list[Attention]:
+    """Every attention of the graph, or a PatternError (prefixed with the pass name ``who``)."""
+    attentions, failed = find_attentions(gm)
+    if failed:
+        raise PatternError(f"{who}: {failed[0]}")
+    if not attentions:
+        raise PatternError(f"{who}: no scaled_dot_product_attention in the graph (load the model "
+                           "with attn_implementation='sdpa')")
+    return attentions

@@ -13,8 +13,8 @@ from torch.fx import GraphModule
 
 import asaf_fx.ops  # noqa: F401  registers torch.ops.asaf_fx.hadamard_rotate
 from asaf_fx.passes.graph_utils import add_constant, data_users, first_node
-from asaf_fx.passes.infra import META_KEY, PassResult, PatternError
-from asaf_fx.passes.patterns import find_attentions
+from asaf_fx.passes.infra import META_KEY, PassResult
+from asaf_fx.passes.patterns import require_attentions
 from asaf_fx.passes.rotations import online_rotation
 
 
@@ -27,12 +27,7 @@ class RotateQueryKey:
         self.seed = seed
 
     def __call__(self, gm: GraphModule) -> PassResult:
-        attentions, failed = find_attentions(gm)
-        if failed:
-            raise PatternError(f"rotate_qk: {failed[0]}")
-        if not attentions:
-            raise PatternError("rotate_qk: no scaled_dot_product_attention in the graph (load the model "
-                               "with attn_implementation='sdpa')")
+        attentions = require_attentions(gm, "rotate_qk")
         targets: dict = {}  # RoPE output -> head_dim; a dict keeps graph order and drops repeats
         for att in attentions:
             targets.update({att.q: att.head_dim, att.k: att.head_dim})

@@ -14,7 +14,7 @@ from torch.fx import GraphModule
 
 from asaf_fx.passes.graph_utils import get_tensor, linear_bias, update_tensor
 from asaf_fx.passes.infra import META_KEY, PassResult, PatternError
-from asaf_fx.passes.patterns import find_attentions
+from asaf_fx.passes.patterns import require_attentions
 from asaf_fx.passes.rotations import online_rotation
 
 
@@ -31,12 +31,7 @@ class RotateValueOutput:
         self.seed = seed
 
     def __call__(self, gm: GraphModule) -> PassResult:
-        attentions, failed = find_attentions(gm)
-        if failed:
-            raise PatternError(f"rotate_vo: {failed[0]}")
-        if not attentions:
-            raise PatternError("rotate_vo: no scaled_dot_product_attention in the graph (load the model "
-                               "with attn_implementation='sdpa')")
+        attentions = require_attentions(gm, "rotate_vo")
         for att in attentions:
             wv, wo = get_tensor(gm, att.v_proj.args[1]), get_tensor(gm, att.o_proj.args[1])
             if wv.shape[0] % att.head_dim or wo.shape[1] % att.head_dim:

@@ -1,13 +1,13 @@
 """asaf-fx: rotation-based low-bit quantization plus sensitivity-aware structured sparsity."""
 
 from asaf_fx.compile import compile  # noqa: A004 (public name from the design card)
-from asaf_fx.config import QuantConfig
+from asaf_fx.config import PruneConfig, QuantConfig
 from asaf_fx.inspection import inspect
 from asaf_fx.models import load_model
 from asaf_fx.solvers import InfeasibleError, solve
-from asaf_fx.sparsity_plan import Group, Plan
+from asaf_fx.sparsity_plan import Group, Plan, uniform_plan
 from asaf_fx.table import SensitivityTable
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["Group", "InfeasibleError", "Plan", "QuantConfig", "SensitivityTable", "compile", "inspect", "load_model", "solve"]
+__all__ = ["Group", "InfeasibleError", "Plan", "PruneConfig", "QuantConfig", "SensitivityTable", "compile", "inspect", "load_model", "solve", "uniform_plan"]

@@ -1,72 +1,183 @@
-"""``asaf_fx.compile``: capture a Hugging Face causal LM and run the graph passes on it."""
+"""``asaf_fx.compile``: capture a Hugging Face causal LM and rewrite it as a plan and a QuantConfig ask.
+
+The passes run in this order on the full-sequence graph, and on the static-cache decode graph:
+
+1. capture (``torch.export``);
+2. residual rotation: untie embeddings, fold RMSNorm scales, rotate the residual stream;
+3. pruning (a plan): whole MLP channels, chosen from calibration statistics of the rotated model;
+4. online rotations: Hadamards before down_proj and o_proj, head-wise V/O, Q/K after RoPE;
+5. KV-cache quantization (simulated in the graph);
+6. weight quantization (GPTQ or RTN, layer by layer on calibration data);
+7. lowering: decoder linears become the INT4 kernel ops, with per-token activation quantization.
+
+Every weight transform that needs data (channel selection, least-squares refit, GPTQ) runs once,
+on the forward graph; the decode graph gets the same structural rewrites with the results and
+then shares the forward graph's final tensors, so the two graphs hold one copy of the weights.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import torch
+from torch.fx import GraphModule
 
 from asaf_fx.compiled import CompiledModel
-from asaf_fx.config import QuantConfig
+from asaf_fx.config import PruneConfig, QuantConfig
 from asaf_fx.passes.capture import capture_decode, capture_forward, check_model
 from asaf_fx.passes.fold_norms import FoldNorms
 from asaf_fx.passes.infra import GraphPass, PassManager, PatternError
-from asaf_fx.passes.online_hadamard import OnlineHadamardDown
+from asaf_fx.passes.layerwise import LayerwiseRunner
+from asaf_fx.passes.lower_linears import LinearLowering, LowerLinears
+from asaf_fx.passes.online_hadamard import OnlineHadamardDown, OnlineHadamardOut
+from asaf_fx.passes.prune_mlp import PruneMlpChannels, select_mlp_channels
+from asaf_fx.passes.quantize_kv import QuantizeKV
+from asaf_fx.passes.quantize_weights import WeightQuantSpec, quantize_decoder_weights
 from asaf_fx.passes.rotate_qk import RotateQueryKey
 from asaf_fx.passes.rotate_residual import RotateResidual
 from asaf_fx.passes.rotate_vo import RotateValueOutput
+from asaf_fx.passes.share_weights import share_weights
+from asaf_fx.passes.split_layers import decoder_linears, layer_ends, split_decoder_layers
 from asaf_fx.passes.untie_embeddings import UntieEmbeddings
+from asaf_fx.sparsity_plan import Plan
 
 log = logging.getLogger(__name__)
+
+CALIBRATION_BATCH = 4
 
 
 class UnsupportedArchitectureError(ValueError):
     """The model's graph lacks a structure the passes need (see the chained PatternError)."""
 
 
-def rotation_passes(quant: QuantConfig) -> list[GraphPass]:
-    """The function-preserving QuaRot passes, in the order they must run."""
+def residual_passes(quant: QuantConfig) -> list[GraphPass]:
+    """Rotation of the residual stream (and what it needs first); function-preserving."""
     if not quant.rotate:
         return []
-    return [UntieEmbeddings(), FoldNorms(), RotateResidual(quant.seed, quant.rotation),
-            OnlineHadamardDown(quant.seed), RotateValueOutput(quant.seed), RotateQueryKey(quant.seed)]
+    return [UntieEmbeddings(), FoldNorms(), RotateResidual(quant.seed, quant.rotation)]
 
 
-def compile(model: torch.nn.Module, plan=None, *, quant: QuantConfig | None = None, calibration=None,
-            decode: bool = True, max_cache_len: int = 256) -> CompiledModel:  # noqa: A001 (public name)
-    """Capture ``model`` and rewrite it as ``quant`` asks; the model itself is left unchanged.
+def online_passes(quant: QuantConfig) -> list[GraphPass]:
+    """Rotations applied to values inside a layer; function-preserving. After pruning."""
+    if not quant.rotate:
+        return []
+    return [OnlineHadamardDown(quant.seed), RotateValueOutput(quant.seed), RotateQueryKey(quant.seed),
+            OnlineHadamardOut(quant.seed)]
+
+
+def rotation_passes(quant: QuantConfig) -> list[GraphPass]:
+    """All function-preserving QuaRot passes, in the order they must run (no pruning between)."""
+    return residual_passes(quant) + online_passes(quant)
+
+
+def calibration_batches(calibration, max_len: int | None, batch_size: int = CALIBRATION_BATCH) -> list[torch.Tensor]:
+    """Token-id batches from a LongTensor (n_samples, seq_len) or an iterable of such tensors."""
+    parts = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration) if isinstance(
+        calibration, Iterable) else None
+    if parts is None:
+        raise TypeError(f"calibration must be a LongTensor (n_samples, seq_len) or an iterable of them, "
+                        f"got {type(calibration).__name__}")
+    batches = []
+    for i, part in enumerate(parts):
+        if not isinstance(part, torch.Tensor) or part.dtype != torch.long or part.dim() != 2:
+            raise TypeError(f"calibration[{i}] must be a 2-D LongTensor (n_samples, seq_len) of token ids, got "
+                            f"{getattr(part, 'dtype', type(part).__name__)} {tuple(getattr(part, 'shape', ()))}")
+        if max_len is not None and part.shape[1] > max_len:
+            raise ValueError(f"calibration sequences of {part.shape[1]} tokens exceed the model's context of "
+                             f"{max_len} positions; cut them shorter (e.g. 512)")
+        batches += [b for b in part.split(batch_size) if b.numel()]
+    if not batches:
+        raise ValueError("calibration data is empty; pass at least one sequence of token ids")
+    return batches
+
+
+def _check_plan(plan: Plan | None, num_layers: int) -> list[float]:
+    if plan is None:
+        return [0.0] * num_layers
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be an asaf_fx.Plan, got {type(plan).__name__}")
+    plan.check_layers(num_layers)
+    return list(plan.layer_sparsity)
+
+
+def _run(passes: list[GraphPass], gm: GraphModule, model) -> None:
+    try:
+        PassManager(passes)(gm)
+    except PatternError as exc:
+        raise UnsupportedArchitectureError(
+            f"asaf_fx.compile: {type(model).__name__} is not a supported Llama-family architecture: {exc}") from exc
+
+
+def _lowerings(gm: GraphModule, quant: QuantConfig, calibration: list[torch.Tensor] | None) -> list[LinearLowering]:
+    names = [n.args[1].target for layer in decoder_linears(gm) for n in layer]
+    settings = [quant.for_linear(name) for name in names]
+    specs = [None if s["w_bits"] == 16 else WeightQuantSpec(bits=s["w_bits"], group_size=s["w_group_size"],
+                                                            method=s["w_method"]) for s in settings]
+    weights = quantize_decoder_weights(gm, specs, calibration or ()) if any(specs) else [None] * len(names)
+    return [LinearLowering.make(w, s["a_bits"], s["a_clip"]) for w, s in zip(weights, settings, strict=True)]
+
+
+def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantConfig | None = None,  # noqa: A001
+            calibration=None, prune: PruneConfig | None = None, decode: bool = True,
+            max_cache_len: int = 256, backend: str | None = "auto") -> CompiledModel:
+    """Capture ``model`` and rewrite it as ``plan`` and ``quant`` ask; the model itself is left unchanged.
 
     Args:
         model: a transformers decoder-only causal LM (Llama, Mistral, Qwen2, SmolLM2, ...).
-        plan: structured-sparsity plan (not supported yet: must be None).
+        plan: structured-sparsity plan from ``asaf_fx.solve`` (one sparsity per decoder layer).
         quant: rotation/quantization settings; default ``QuantConfig()`` (rotation only, 16 bits).
-        calibration: calibration token ids for GPTQ / sensitivity (not supported yet: must be None).
+        calibration: token ids for channel selection and GPTQ: a LongTensor (n_samples, seq_len) or
+            an iterable of them (see ``asaf_fx.data.calibration_windows``). Needed by a plan with
+            non-zero sparsity and by GPTQ.
+        prune: how the plan's sparsities become removed channels; default ``PruneConfig()``.
         decode: also capture the static-KV-cache decode graph used by ``generate``.
         max_cache_len: positions in the static KV cache (prompt + new tokens).
+        backend: ``torch.compile`` backend for the graphs: "auto" = inductor on CUDA, eager on the
+            CPU; None = eager; any other name is passed to ``torch.compile``.
     """
     quant = QuantConfig() if quant is None else quant
+    prune = PruneConfig() if prune is None else prune
     if not isinstance(quant, QuantConfig):
         raise TypeError(f"quant must be an asaf_fx.QuantConfig, got {type(quant).__name__}")
-    if plan is not None:
-        raise NotImplementedError("asaf_fx.compile: sparsity plans are not implemented yet; pass plan=None")
-    if calibration is not None:
-        raise NotImplementedError("asaf_fx.compile: calibration is not implemented yet; pass calibration=None")
-    if quant.quantizes:
-        raise NotImplementedError(f"asaf_fx.compile: quantization below 16 bits is not implemented yet "
-                                  f"(got w/a/kv bits {quant.w_bits}/{quant.a_bits}/{quant.kv_bits}); use 16")
+    if not isinstance(prune, PruneConfig):
+        raise TypeError(f"prune must be an asaf_fx.PruneConfig, got {type(prune).__name__}")
     check_model(model)
+    if plan is not None and hasattr(model.config, "num_hidden_layers"):
+        _check_plan(plan, model.config.num_hidden_layers)  # fail before the slow capture
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    batches = None if calibration is None else calibration_batches(calibration, max_len)
     was_training = model.training
     model.eval()
     try:
         graphs = [capture_forward(model)] + ([capture_decode(model, max_cache_len)] if decode else [])
     finally:
         model.train(was_training)
+    forward = graphs[0]
     for gm in graphs:
-        try:
-            PassManager(rotation_passes(quant))(gm)
-        except PatternError as exc:
-            raise UnsupportedArchitectureError(
-                f"asaf_fx.compile: {type(model).__name__} is not a supported Llama-family architecture: {exc}") from exc
+        _run(residual_passes(quant), gm, model)
+    try:
+        sparsities = _check_plan(plan, len(layer_ends(forward)))
+    except PatternError as exc:
+        raise UnsupportedArchitectureError(f"asaf_fx.compile: {exc}") from exc
+    if any(s > 0 for s in sparsities):
+        if batches is None:
+            raise ValueError("a plan with non-zero sparsity needs calibration data to choose channels; pass calibration=")
+        runner = LayerwiseRunner(split_decoder_layers(forward))
+        states = [runner.start(batch, False) for batch in batches]
+        prunings = select_mlp_channels(runner, states, sparsities, prune.granularity, prune.refit)
+        del runner, states
+        for gm in graphs:
+            _run([PruneMlpChannels(prunings)], gm, model)
+    for gm in graphs:
+        _run(online_passes(quant) + ([QuantizeKV(quant.kv_bits)] if quant.kv_bits < 16 else []), gm, model)
+    if quant.quantizes:
+        lowerings = _lowerings(forward, quant, batches)
+        for gm in graphs:
+            _run([LowerLinears(lowerings)], gm, model)
+    for gm in graphs[1:]:
+        share_weights(forward, gm)
+    for gm in graphs:
         log.info("compiled %s graph: passes %s", gm.meta["asaf_fx"]["kind"], gm.meta["asaf_fx"].get("passes", []))
-    return CompiledModel(graphs[0], graphs[1] if decode else None, model.config, quant,
-                         eos_token_id=getattr(model.generation_config, "eos_token_id", None))
+    return CompiledModel(forward, graphs[1] if decode else None, model.config, quant, plan=plan,
+                         eos_token_id=getattr(model.generation_config, "eos_token_id", None), backend=backend)

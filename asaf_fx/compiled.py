@@ -20,14 +20,33 @@ class CompiledModel(torch.nn.Module):
     """
 
     def __init__(self, forward_graph: GraphModule, decode_graph: GraphModule | None, config,
-                 quant: QuantConfig, eos_token_id: int | Iterable[int] | None = None) -> None:
+                 quant: QuantConfig, plan=None, eos_token_id: int | Iterable[int] | None = None,
+                 backend: str | None = "auto") -> None:
         super().__init__()
         self.forward_graph = forward_graph
         self.decode_graph = decode_graph
         self.config = config
         self.quant = quant
+        self.plan = plan
+        self.backend = _resolve_backend(backend, forward_graph)
+        # torch.compile only traces and lowers the graphs: every weight transform already happened.
+        # A tuple, so nn.Module does not register the (possibly wrapped) graphs a second time.
+        self._runners = (self._compiled(forward_graph, dynamic=True),
+                         None if decode_graph is None else self._compiled(decode_graph, dynamic=False))
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos_token_ids = [int(e) for e in eos]
+
+    def train(self, mode: bool = True) -> CompiledModel:
+        """Only records the flag: the graphs are inference-only (exported modules refuse ``train``)."""
+        self.training = mode
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.forward_graph.buffers()), next(self.forward_graph.parameters())).device
+
+    def _compiled(self, gm: GraphModule, dynamic: bool):
+        return gm if self.backend is None else torch.compile(gm, backend=self.backend, dynamic=dynamic)
 
     @property
     def max_cache_len(self) -> int | None:
@@ -39,7 +58,7 @@ class CompiledModel(torch.nn.Module):
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be a 2-D LongTensor (batch, seq), got {input_ids.dtype} {tuple(input_ids.shape)}")
         with torch.no_grad():
-            out = self.forward_graph(input_ids, use_cache=False)
+            out = self._runners[0](input_ids, use_cache=False)
         return CausalLMOutputWithPast(logits=out.logits)
 
     def decode_step(self, token: torch.Tensor, position: int) -> torch.Tensor:
@@ -48,7 +67,7 @@ class CompiledModel(torch.nn.Module):
             raise RuntimeError("this model was compiled without a decode graph (decode=False)")
         pos = torch.tensor([position], dtype=torch.long, device=token.device)
         with torch.no_grad():
-            return self.decode_graph(input_ids=token, cache_position=pos)
+            return self._runners[1](input_ids=token, cache_position=pos)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32,
                  eos_token_id: int | Iterable[int] | None = None) -> torch.Tensor:
@@ -75,3 +94,11 @@ class CompiledModel(torch.nn.Module):
                 break
             logits = self.decode_step(nxt, tokens.shape[1] - 1)
         return tokens
+
+
+def _resolve_backend(backend: str | None, gm: GraphModule) -> str | None:
+    """"auto": inductor when the weights live on a CUDA device, eager (None) otherwise."""
+    if backend != "auto":
+        return backend
+    device = next((t.device for t in gm.buffers()), None) or next((t.device for t in gm.parameters()), None)
+    return "inductor" if device is not None and device.type == "cuda" else None

@@ -1,13 +1,32 @@
-"""``QuantConfig``: how ``asaf_fx.compile`` transforms a model (torchao-style frozen config)."""
+"""``QuantConfig`` and ``PruneConfig``: how ``asaf_fx.compile`` transforms a model (torchao-style frozen configs)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import fnmatch
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 _BITS = (4, 8, 16)
 _W_METHODS = ("rtn", "gptq")
 _ROTATIONS = ("hadamard", "orthogonal")
+# What a per-linear override may change: the settings that belong to one linear.
+OVERRIDABLE = ("w_bits", "a_bits", "w_group_size", "a_clip", "w_method")
+
+
+def _check_bits(owner: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or value not in _BITS:
+        raise ValueError(f"{owner}.{name}={value!r}: must be one of {_BITS}")
+
+
+def _check_group_size(owner: str, value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 64):
+        raise ValueError(f"{owner}.w_group_size={value!r}: must be None (per output channel) or a positive "
+                         "multiple of 64 (what the INT4 kernels support), e.g. 128")
+
+
+def _check_clip(owner: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{owner}.a_clip={value!r}: must lie in (0, 1] (1 = no clipping)")
 
 
 @dataclass(frozen=True)
@@ -16,42 +35,76 @@ class QuantConfig:
 
     Args:
         w_bits: weight bits, one of 4, 8, 16 (16 = unquantized).
-        a_bits: activation bits for linear inputs, one of 4, 8, 16.
-        kv_bits: KV-cache bits, one of 4, 8, 16.
-        w_method: weight quantizer, "rtn" (round to nearest) or "gptq".
-        rotate: apply QuaRot-style rotations (residual stream, online Hadamard before down_proj,
-            head-wise V/O, online Q/K after RoPE). Function-preserving on its own.
+        a_bits: activation bits for the inputs of decoder linears, one of 4, 8, 16 (lm_head keeps 16).
+        kv_bits: KV-cache bits, one of 4, 8, 16 (asymmetric, one group per token and head).
+        w_method: weight quantizer, "rtn" (round to nearest) or "gptq" (needs calibration data).
+        w_group_size: weight scales per group of this many input columns; None = per output channel.
+        a_clip: activation clip ratio: per-token range = a_clip · max|x| (1 = none).
+        rotate: apply QuaRot-style rotations (residual stream, online Hadamards before down_proj and
+            o_proj, head-wise V/O, online Q/K after RoPE). Function-preserving on its own.
         rotation: residual rotation, "hadamard" (random-sign Hadamard) or "orthogonal" (random).
         seed: seed for every random choice (rotation signs and odd-size factors).
+        overrides: per-linear settings by pattern on the weight's name (``fnmatch``, first match
+            wins), e.g. ``{"*.down_proj.weight": {"a_bits": 8}, "model.layers.0.*": {"w_bits": 8}}``;
+            keys of each value: w_bits, a_bits, w_group_size, a_clip, w_method.
     """
 
     w_bits: int = 16
     a_bits: int = 16
     kv_bits: int = 16
     w_method: str = "rtn"
+    w_group_size: int | None = None
+    a_clip: float = 1.0
     rotate: bool = True
     rotation: str = "hadamard"
     seed: int = 0
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "kv_bits"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or value not in _BITS:
-                raise ValueError(f"QuantConfig.{name}={value!r}: must be one of {_BITS}")
+            _check_bits("QuantConfig", name, getattr(self, name))
         if self.w_method not in _W_METHODS:
             raise ValueError(f"QuantConfig.w_method={self.w_method!r}: must be one of {_W_METHODS}")
+        _check_group_size("QuantConfig", self.w_group_size)
+        _check_clip("QuantConfig", self.a_clip)
         if self.rotation not in _ROTATIONS:
             raise ValueError(f"QuantConfig.rotation={self.rotation!r}: must be one of {_ROTATIONS}")
         if not isinstance(self.rotate, bool):
             raise ValueError(f"QuantConfig.rotate={self.rotate!r}: must be True or False")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"QuantConfig.seed={self.seed!r}: must be a non-negative int")
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"QuantConfig.overrides must be a dict of pattern -> settings, got {type(self.overrides).__name__}")
+        for pattern, settings in self.overrides.items():
+            owner = f"QuantConfig.overrides[{pattern!r}]"
+            if not isinstance(pattern, str) or not isinstance(settings, dict):
+                raise ValueError(f"{owner}: keys must be name patterns and values dicts of settings")
+            unknown = set(settings) - set(OVERRIDABLE)
+            if unknown:
+                raise ValueError(f"{owner}: unknown settings {sorted(unknown)}; allowed: {', '.join(OVERRIDABLE)}")
+            self.for_linear("", settings)  # validates the merged values
 
     @property
     def quantizes(self) -> bool:
-        return min(self.w_bits, self.a_bits, self.kv_bits) < 16
+        bits = [self.w_bits, self.a_bits, self.kv_bits]
+        bits += [s.get(k, 16) for s in self.overrides.values() for k in ("w_bits", "a_bits")]
+        return min(bits) < 16
+
+    def for_linear(self, weight_name: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The settings of one linear: the first override whose pattern matches ``weight_name``."""
+        if settings is None:
+            settings = next((s for p, s in self.overrides.items() if fnmatch.fnmatchcase(weight_name, p)), {})
+        merged = {k: settings.get(k, getattr(self, k)) for k in OVERRIDABLE}
+        owner = f"QuantConfig (for {weight_name or 'an override'})"
+        _check_bits(owner, "w_bits", merged["w_bits"])
+        _check_bits(owner, "a_bits", merged["a_bits"])
+        _check_group_size(owner, merged["w_group_size"])
+        _check_clip(owner, merged["a_clip"])
+        if merged["w_method"] not in _W_METHODS:
+            raise ValueError(f"{owner}.w_method={merged['w_method']!r}: must be one of {_W_METHODS}")
+        return merged
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict, with ``version``, that ``from_dict`` turns back into this config."""
@@ -61,10 +114,30 @@ class QuantConfig:
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
         data = dict(data)
         version = data.pop("version", cls.version)
-        if version != cls.version:
+        if version not in (1, cls.version):  # version 1 lacked w_group_size, a_clip, overrides
             raise ValueError(f"QuantConfig version {version} is not supported (this is version {cls.version})")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown QuantConfig fields: {sorted(unknown)}")
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How a sparsity plan becomes removed MLP channels.
+
+    Args:
+        granularity: channels are removed in blocks of this many, so pruned widths stay multiples
+            of it (kernel-friendly); it must divide the model's MLP width.
+        refit: least-squares correction of down_proj over the kept channels on calibration data.
+    """
+
+    granularity: int = 32
+    refit: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.granularity, bool) or not isinstance(self.granularity, int) or self.granularity <= 0:
+            raise ValueError(f"PruneConfig.granularity={self.granularity!r}: must be a positive int, e.g. 32")
+        if not isinstance(self.refit, bool):
+            raise ValueError(f"PruneConfig.refit={self.refit!r}: must be True or False")

@@ -53,3 +53,22 @@ def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: torch
             total += float(nll)
             count += batch[:, 1:].numel()
     return math.exp(total / count)
+
+
+def wikitext2_valid_path(root: Path | None = None) -> Path:
+    """The validation split: calibration data (never calibrate on the test split)."""
+    return (root if root is not None else data_dir()) / "wikitext-2" / "wiki.valid.tokens"
+
+
+def calibration_windows(tokenizer, path: str | os.PathLike, n_windows: int = 32, seq_len: int = 512,
+                        seed: int = 0) -> torch.Tensor:
+    """``n_windows`` windows of ``seq_len`` tokens drawn (seeded, without repeats) from a text file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration text {path} does not exist; pass a text file (e.g. WikiText-2 validation)")
+    pool = token_windows(tokenizer, read_joined(path), seq_len)
+    if pool.shape[0] < n_windows:
+        raise ValueError(f"{path} has only {pool.shape[0]} windows of {seq_len} tokens, {n_windows} were asked for; "
+                         "use fewer or shorter windows, or a longer text")
+    order = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))
+    return pool[order[:n_windows]]

@@ -131,3 +131,12 @@ class Plan:
         if num_layers is not None:
             plan.check_layers(num_layers)
         return plan
+
+
+def uniform_plan(num_layers: int, sparsity: float, dense_flops: float = 1.0) -> Plan:
+    """Every layer at the same sparsity (one group): the baseline ASAF plans are compared with.
+
+    ``flops`` is the nominal ``dense_flops · (1 − sparsity)``; nothing is predicted (0).
+    """
+    return Plan((Group(0, num_layers, sparsity),), flops=dense_flops * (1.0 - sparsity), dense_flops=dense_flops,
+                predicted_degradation=0.0, max_degradation=0.0, method="uniform")

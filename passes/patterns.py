@@ -121,6 +121,14 @@ class Attention:
     head_dim: int
 
 
+def attention_output_linear(sdpa: Node) -> Node | None:
+    """The one linear (o_proj) that reads the attention output through layout-only ops, else None."""
+    consumers = data_users(sdpa)
+    while len(consumers) == 1 and is_head_layout(consumers[0]):
+        consumers = data_users(consumers[0])
+    return consumers[0] if len(consumers) == 1 and is_linear(consumers[0]) else None
+
+
 def match_attention(sdpa: Node) -> Attention | str:
     """An Attention, or a string saying what did not match."""
     q, k, v = (source_through(a, is_head_layout) for a in sdpa.args[:3])
@@ -129,15 +137,13 @@ def match_attention(sdpa: Node) -> Attention | str:
             return f"the {name} of {sdpa.name} does not come from a rotate_half RoPE (found {node.name})"
     if not is_linear(v):
         return f"the value of {sdpa.name} does not come from a linear (found {v.name})"
-    consumers = data_users(sdpa)
-    while len(consumers) == 1 and is_head_layout(consumers[0]):
-        consumers = data_users(consumers[0])
-    if len(consumers) != 1 or not is_linear(consumers[0]):
+    o_proj = attention_output_linear(sdpa)
+    if o_proj is None:
         return f"the output of {sdpa.name} does not reach a single linear (o_proj)"
     head_dim = int(sdpa.meta["val"].shape[-1]) if "val" in sdpa.meta else None
     if head_dim is None:
         return f"{sdpa.name} has no shape metadata; propagate shapes first"
-    return Attention(sdpa, q, k, v, consumers[0], head_dim)
+    return Attention(sdpa, q, k, v, o_proj, head_dim)
 
 
 def find_attentions(gm: GraphModule) -> tuple[list[Attention], list[str]]:

@@ -9,16 +9,18 @@ as it is. Returns the integer codes and scales per weight attribute, for packing
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.fx import Node
+from torch.fx import GraphModule, Node
 
 from asaf_fx.passes.gptq import quantize_gptq
-from asaf_fx.passes.graph_utils import aten, is_op, set_tensor
+from asaf_fx.passes.graph_utils import aten, get_tensor, is_op, set_tensor
 from asaf_fx.passes.layerwise import LayerwiseRunner, State
 from asaf_fx.passes.linear_stats import collect_linear_stats
 from asaf_fx.passes.rtn import QuantizedWeight, check_bits, quantize_rtn
+from asaf_fx.passes.split_layers import decoder_linears, split_decoder_layers
 
 METHODS = ("rtn", "gptq")
 
@@ -51,22 +53,50 @@ def linear_weight_targets(runner: LayerwiseRunner, layer: int) -> list[str]:
 
 
 def quantize_layer_weights(
-    runner: LayerwiseRunner, states: list[State], spec: WeightQuantSpec
+    runner: LayerwiseRunner, states: list[State], spec: WeightQuantSpec | Mapping[str, WeightQuantSpec | None]
 ) -> dict[str, QuantizedWeight]:
-    """Quantize all decoder-layer linears of ``runner``'s module in place (see module docstring)."""
+    """Quantize all decoder-layer linears of ``runner``'s module in place (see module docstring).
+
+    ``spec`` applies to every linear, or maps weight attributes to their own spec (None, or
+    missing: keep that weight in float).
+    """
     module = runner.split.module
+    spec_of = (lambda _: spec) if isinstance(spec, WeightQuantSpec) else spec.get
     results: dict[str, QuantizedWeight] = {}
     for layer in range(runner.num_layers):
-        targets = linear_weight_targets(runner, layer)
-        stats = collect_linear_stats(runner, layer, states) if spec.method == "gptq" else {}
-        for target in targets:
+        specs = {t: s for t in linear_weight_targets(runner, layer) if (s := spec_of(t)) is not None}
+        gptq = any(s.method == "gptq" for s in specs.values())
+        stats = collect_linear_stats(runner, layer, states) if gptq else {}
+        for target, s in specs.items():
             weight = module.get_parameter(target) if target in dict(module.named_parameters()) else module.get_buffer(target)
-            if spec.method == "gptq":
-                q = quantize_gptq(weight.detach(), stats[target].hessian, spec.bits, spec.group_size,
-                                  damp=spec.damp, act_order=spec.act_order, clip_search=spec.clip_search)
+            if s.method == "gptq":
+                q = quantize_gptq(weight.detach(), stats[target].hessian, s.bits, s.group_size,
+                                  damp=s.damp, act_order=s.act_order, clip_search=s.clip_search)
             else:
-                q = quantize_rtn(weight.detach(), spec.bits, spec.group_size, clip_search=spec.clip_search)
+                q = quantize_rtn(weight.detach(), s.bits, s.group_size, clip_search=s.clip_search)
             set_tensor(module, target, q.dequantize(weight.dtype).to(weight.device))
             results[target] = q
         states[:] = [runner.run_layer(layer, state) for state in states]
     return results
+
+
+def quantize_decoder_weights(
+    gm: GraphModule, specs: Sequence[WeightQuantSpec | None], calibration: Sequence[torch.Tensor] = ()
+) -> list[QuantizedWeight | None]:
+    """Quantized weights of ``gm``'s decoder linears, one ``spec`` each (None: stays float), in
+    :func:`decoder_linears` order; ``gm`` itself is untouched.
+
+    GPTQ runs ``gm`` layer by layer on the ``calibration`` batches (token ids); RTN needs none.
+    """
+    linears = [n for layer in decoder_linears(gm) for n in layer]
+    if len(specs) != len(linears):
+        raise ValueError(f"{len(specs)} weight specs for {len(linears)} decoder linears")
+    if not any(s is not None and s.method == "gptq" for s in specs):
+        return [None if s is None else quantize_rtn(get_tensor(gm, n.args[1]).detach(), s.bits, s.group_size,
+                                                    clip_search=s.clip_search) for n, s in zip(linears, specs)]
+    if not calibration:
+        raise ValueError("GPTQ needs calibration data: pass calibration= (token ids) or use w_method='rtn'")
+    runner = LayerwiseRunner(split_decoder_layers(gm))
+    states = [runner.start(batch, False) for batch in calibration]
+    found = quantize_layer_weights(runner, states, {n.args[1].target: s for n, s in zip(linears, specs)})
+    return [found.get(n.args[1].target) for n in linears]

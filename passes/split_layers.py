@@ -32,12 +32,17 @@ from asaf_fx.passes.infra import PatternError
 
 @dataclass
 class LayerSplit:
-    """The split module and the top-level names of its parts, in execution order."""
+    """The split module and the top-level names of its parts, in execution order.
+
+    ``source`` is the graph that was split: its nodes (found by pattern) name the same weight
+    attributes the split module reads.
+    """
 
     module: GraphModule
     prologue: str
     layers: list[str]
     epilogue: str
+    source: GraphModule
 
     @property
     def num_layers(self) -> int:
@@ -118,4 +123,20 @@ def split_decoder_layers(gm: GraphModule) -> LayerSplit:
     missing = [name for name in names if not hasattr(split, name)]
     if missing:
         raise PatternError(f"split_layers: split_module produced no {missing}")
-    return LayerSplit(split, names[0], names[1:-1], names[-1])
+    return LayerSplit(split, names[0], names[1:-1], names[-1], gm)
+
+
+def decoder_linears(gm: GraphModule) -> list[list[Node]]:
+    """The ``aten.linear`` nodes of each decoder layer, in graph order (lm_head is not in any).
+
+    A linear belongs to the first layer whose closing residual add comes after it in the graph.
+    """
+    ends = layer_ends(gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    per_layer: list[list[Node]] = [[] for _ in ends]
+    for node in gm.graph.nodes:
+        if is_op(node, aten.linear):
+            layer = next((i for i, end in enumerate(ends) if order[node] < order[end]), None)
+            if layer is not None:
+                per_layer[layer].append(node)
+    return per_layer

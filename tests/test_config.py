@@ -39,3 +39,23 @@ def test_from_dict_rejects_unknown_fields_and_versions():
         QuantConfig.from_dict({"w_bits": 16, "group_size": 128})
     with pytest.raises(ValueError, match="version 99"):
         QuantConfig.from_dict({"version": 99})
+
+
+def test_new_fields_and_overrides_validate():
+    q = QuantConfig(w_bits=4, w_group_size=128, a_clip=0.9, overrides={"*.down_proj.*": {"a_bits": 8}})
+    assert q.for_linear("model.layers.3.mlp.down_proj.weight")["a_bits"] == 8
+    assert q.for_linear("model.layers.3.mlp.up_proj.weight")["a_bits"] == 16
+    assert QuantConfig.from_dict(json.loads(json.dumps(q.to_dict()))) == q
+    assert QuantConfig(overrides={"model.layers.0.*": {"w_bits": 4}}).quantizes
+    with pytest.raises(ValueError, match="w_group_size=100"):
+        QuantConfig(w_group_size=100)
+    with pytest.raises(ValueError, match="a_clip=0"):
+        QuantConfig(a_clip=0)
+    with pytest.raises(ValueError, match="unknown settings \\['kv_bits'\\]"):
+        QuantConfig(overrides={"*": {"kv_bits": 4}})
+    with pytest.raises(ValueError, match="w_bits=3"):
+        QuantConfig(overrides={"*": {"w_bits": 3}})
+
+
+def test_version_1_configs_still_load():
+    assert QuantConfig.from_dict({"version": 1, "w_bits": 4}) == QuantConfig(w_bits=4)

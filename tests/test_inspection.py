@@ -21,9 +21,11 @@ def test_table_on_a_compiled_model_shows_rotations(compiled_llama):
     infos = inspect(compiled_llama, console=console)
     assert [i.name for i in infos] == ["embed", "0", "1", "head"]
     for info in infos[1:3]:
-        assert sorted(info.online_rotations) == [48, 48, 160]  # q, k after RoPE; down_proj input
+        assert sorted(info.online_rotations) == [48, 48, 96, 160]  # q, k after RoPE; o_proj, down_proj inputs
         assert len(info.linears) == 7 and info.norm_scales == 0
-    assert infos[-1].linears == [("lm_head.weight", (256, 96))]
+        assert info.flops == 2 * (96 * 96 * 2 + 48 * 96 * 2 + 3 * 96 * 160) and info.sparsity == 0
+    (head,) = infos[-1].linears
+    assert (head.weight, head.out_features, head.in_features, head.w_bits) == ("lm_head.weight", 256, 96, None)
     text = console.file.getvalue()
     assert "rotate_residual(hadamard w=96)" in text and "rotate_vo(w=48)" in text
     assert "H160" in text and "H48" in text

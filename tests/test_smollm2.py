@@ -30,7 +30,7 @@ def test_structure_found(smollm2, rotated):
     config = smollm2[0].config
     assert (config.hidden_size, config.num_hidden_layers, config.tie_word_embeddings) == (576, 30, True)
     for gm in (rotated.forward_graph, rotated.decode_graph):
-        assert sum(n.target is HADAMARD for n in gm.graph.nodes) == 3 * 30
+        assert sum(n.target is HADAMARD for n in gm.graph.nodes) == 4 * 30  # q, k, o_proj, down_proj inputs
         assert gm.meta["asaf_fx"]["rotations"][0]["width"] == 576
 
 
@@ -41,11 +41,16 @@ def test_rotated_logits_match_fp(smollm2, rotated, windows, h):
     assert h.rel_err(rotated(ids).logits, ref) <= 1e-3
 
 
-def test_perplexity_unchanged_by_rotation(smollm2, rotated, windows):
+@pytest.fixture(scope="module")
+def fp_ppl(smollm2, windows):
+    return perplexity(lambda ids: smollm2[0](ids).logits, windows)
+
+
+def test_perplexity_unchanged_by_rotation(rotated, windows, fp_ppl):
     # Both measured in the same run (about 2 min each on 2 cores): the acceptance is "unchanged
     # to 4 significant digits", which a constant cannot stand in for. FP is ≈ 19.44 (19.4436 here).
     rot = perplexity(lambda ids: rotated(ids).logits, windows)
-    fp = perplexity(lambda ids: smollm2[0](ids).logits, windows)
+    fp = fp_ppl
     assert 19.3 < fp < 19.6
     log.info("SmolLM2 WikiText-2 PPL (8 x 2048): FP %.4f, rotated %.4f", fp, rot)
     assert f"{rot:.4g}" == f"{fp:.4g}"
@@ -59,3 +64,11 @@ def test_greedy_decoding_matches_transformers(smollm2, rotated, h):
         ours = rotated.generate(prompt, max_new_tokens=32)
     assert ours.shape[1] == prompt.shape[1] + 32  # no early EOS: all 32 tokens compared
     assert torch.equal(ours, ref), (tokenizer.decode(ours[0]), tokenizer.decode(ref[0]))
+
+
+def test_w8a8kv8_rtn_within_one_percent_of_fp(smollm2, windows, fp_ppl):
+    quant = asaf_fx.QuantConfig(w_bits=8, a_bits=8, kv_bits=8, w_method="rtn")
+    cm = asaf_fx.compile(smollm2[0], quant=quant, decode=False)
+    ppl = perplexity(lambda ids: cm(ids).logits, windows)
+    log.info("SmolLM2 WikiText-2 PPL (8 x 2048): W8A8KV8 rotated RTN %.4f (FP %.4f, %.4fx)", ppl, fp_ppl, ppl / fp_ppl)
+    assert fp_ppl < ppl <= 1.01 * fp_ppl

@@ -1,0 +1,115 @@
+"""Remove whole SwiGLU intermediate channels: rows of gate_proj and up_proj, columns of down_proj.
+
+Preserves: nothing exactly — this is pruning. With down_proj not refitted, the pruned MLP equals
+the unpruned one with the removed channels' activations h_j forced to zero. The weights really
+shrink, so every later pass and kernel (the online Hadamard before down_proj included) works on
+the smaller width.
+
+Which channels go is decided elsewhere (:func:`select_mlp_channels`, from calibration statistics);
+the pass only applies a list of kept indices per MLP, in graph order = decoder-layer order. It must
+run before the online Hadamard before down_proj, whose rotation mixes down_proj's columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule
+
+from asaf_fx.passes.channel_selection import (channel_importance, channels_to_keep, channels_to_remove,
+                                              refit_down_proj)
+from asaf_fx.passes.graph_utils import get_tensor, linear_bias, set_tensor, update_tensor
+from asaf_fx.passes.infra import META_KEY, PassResult, PatternError
+from asaf_fx.passes.layerwise import LayerwiseRunner, State
+from asaf_fx.passes.linear_stats import collect_linear_stats
+from asaf_fx.passes.patterns import find_swiglus
+from asaf_fx.passes.split_layers import decoder_linears
+
+
+@dataclass(frozen=True)
+class MlpPruning:
+    """Kept channel indices (ascending) of one MLP, and optionally its refitted down_proj weight."""
+
+    keep: torch.Tensor
+    down_weight: torch.Tensor | None = None
+
+
+class PruneMlpChannels:
+    """Apply one :class:`MlpPruning` (or None: leave it whole) to each SwiGLU MLP, in layer order."""
+
+    name = "prune_mlp"
+
+    def __init__(self, prunings: Sequence[MlpPruning | None]) -> None:
+        self.prunings = list(prunings)
+
+    def __call__(self, gm: GraphModule) -> PassResult:
+        mlps = find_swiglus(gm)
+        if len(mlps) != len(self.prunings):
+            raise PatternError(f"prune_mlp: the graph has {len(mlps)} SwiGLU MLPs but {len(self.prunings)} "
+                               "prunings were given (one per decoder layer)")
+        widths = []
+        for mlp, pruning in zip(mlps, self.prunings, strict=True):
+            width = get_tensor(gm, mlp.down.args[1]).shape[1]
+            kept = width if pruning is None else len(pruning.keep)
+            widths.append({"width": int(width), "kept": int(kept)})
+            if pruning is None or kept == width:
+                continue
+            keep = pruning.keep.to(torch.long)
+            for linear in (mlp.gate, mlp.up):
+                update_tensor(gm, linear.args[1], lambda w: w[keep])
+                if (bias := linear_bias(linear)) is not None:
+                    update_tensor(gm, bias, lambda b: b[keep])
+            down = get_tensor(gm, mlp.down.args[1])
+            if pruning.down_weight is not None:
+                if pruning.down_weight.shape != (down.shape[0], kept):
+                    raise ValueError(f"prune_mlp: refitted down_proj weight has shape {tuple(pruning.down_weight.shape)}, "
+                                     f"expected {(down.shape[0], kept)}")
+                set_tensor(gm, mlp.down.args[1].target, pruning.down_weight.to(down.dtype).contiguous())
+            else:
+                update_tensor(gm, mlp.down.args[1], lambda w: w[:, keep])
+        gm.meta.setdefault(META_KEY, {})["mlp_widths"] = widths
+        return PassResult(gm, True)
+
+
+def layer_linear_flops(gm: GraphModule) -> list[int]:
+    """Linear FLOPs per token (2 per multiply-add) of each decoder layer, from its weights' shapes."""
+    return [sum(2 * get_tensor(gm, n.args[1]).numel() for n in layer) for layer in decoder_linears(gm)]
+
+
+def select_mlp_channels(
+    runner: LayerwiseRunner,
+    states: list[State],
+    sparsities: Sequence[float],
+    granularity: int = 32,
+    refit: bool = True,
+) -> list[MlpPruning | None]:
+    """Which channels each layer keeps at its sparsity, from activation statistics on ``states``.
+
+    ``runner`` runs the (rotated, unpruned) forward graph layer by layer; ``states`` are its
+    calibration states at layer 0 and are advanced through every layer (unpruned), so each layer's
+    statistics come from the same inputs the dense model sees. Layers with sparsity 0 are skipped.
+    """
+    gm = runner.split.module
+    mlps = find_swiglus(runner.split.source)
+    if len(sparsities) != runner.num_layers or len(mlps) != runner.num_layers:
+        raise ValueError(f"{len(sparsities)} sparsities for {runner.num_layers} decoder layers "
+                         f"({len(mlps)} SwiGLU MLPs found)")
+    flops = layer_linear_flops(runner.split.source)
+    result: list[MlpPruning | None] = []
+    for layer, (mlp, sparsity) in enumerate(zip(mlps, sparsities, strict=True)):
+        down_target = mlp.down.args[1].target
+        down = gm.get_parameter(down_target) if down_target in dict(gm.named_parameters()) else gm.get_buffer(down_target)
+        hidden, width = down.shape
+        remove = channels_to_remove(flops[layer], hidden, width, sparsity, granularity) if sparsity > 0 else 0
+        if remove == 0:
+            result.append(None)
+        else:
+            stats = collect_linear_stats(runner, layer, states)[down_target]
+            keep = channels_to_keep(channel_importance(down.detach(), stats.mean_square), remove)
+            refitted = refit_down_proj(down.detach(), stats.hessian / stats.rows, keep) if refit else None
+            result.append(MlpPruning(keep, refitted))
+        states[:] = [runner.run_layer(layer, state) for state in states]
+    return result
+

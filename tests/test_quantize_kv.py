@@ -1,0 +1,57 @@
+"""KV-cache quantization: where the quantizers go, and that they quantize what they should."""
+
+import pytest
+import torch
+
+from asaf_fx.compile import rotation_passes
+from asaf_fx.config import QuantConfig
+from asaf_fx.passes.graph_utils import count_op
+from asaf_fx.passes.infra import PassManager, PatternError
+from asaf_fx.passes.quantize_kv import KV_DEQUANTIZE, KV_QUANTIZE, QuantizeKV
+
+
+@pytest.mark.parametrize("kind", ["forward", "decode"])
+def test_keys_and_values_of_every_attention_are_quantized(captured, kind):
+    gm = captured("llama", kind)
+    PassManager(rotation_passes(QuantConfig()) + [QuantizeKV(4)])(gm)
+    assert count_op(gm, KV_QUANTIZE) == count_op(gm, KV_DEQUANTIZE) == 4  # K and V of two layers
+    kinds = sorted(n.meta["asaf_fx"]["kv"] for n in gm.graph.nodes if n.target is KV_QUANTIZE)
+    assert kinds == ["key", "key", "value", "value"]
+    for node in gm.graph.nodes:
+        if node.target is KV_QUANTIZE:
+            source = node.args[0]
+            # keys after the online Q/K rotation, values straight out of v_proj; one group per head
+            expected = torch.ops.asaf_fx.hadamard_rotate.default if node.meta["asaf_fx"]["kv"] == "key" else torch.ops.aten.linear.default
+            assert source.target is expected and node.args[2] == 48
+
+
+def test_cache_holds_quantized_values(captured, tiny_ids, h):
+    gm = captured("mistral", "decode")
+    PassManager(rotation_passes(QuantConfig()) + [QuantizeKV(4)])(gm)
+    gm(input_ids=tiny_ids[:1, :1], cache_position=torch.tensor([0]))
+    caches = [b for name, b in gm.named_buffers() if b.dim() == 4 and b.shape[2] == 64]
+    assert caches, "static cache buffers not found"
+    for cache in caches:
+        row = cache[0, :, 0]  # (kv heads, head_dim) at position 0
+        assert row.abs().sum() > 0
+        # 4-bit asymmetric: at most 16 distinct values per head
+        assert all(torch.unique(head).numel() <= 16 for head in row)
+
+
+def test_error_grows_as_bits_fall(captured, tiny_ids, h):
+    ref = captured("qwen2")(tiny_ids, use_cache=False).logits
+    errors = []
+    for bits in (8, 4):
+        gm = captured("qwen2")
+        PassManager(rotation_passes(QuantConfig()) + [QuantizeKV(bits)])(gm)
+        errors.append(h.rel_err(gm(tiny_ids, use_cache=False).logits, ref))
+    assert 0 < errors[0] < errors[1] < 0.2
+
+
+def test_bad_settings(captured, negative_graph):
+    with pytest.raises(ValueError, match="KV-cache bits must be 4 or 8"):
+        QuantizeKV(16)
+    with pytest.raises(ValueError, match="group size 32 does not divide head_dim 48"):
+        QuantizeKV(4, group_size=32)(captured("llama"))
+    with pytest.raises(PatternError, match="no scaled_dot_product_attention"):
+        QuantizeKV(4)(negative_graph("gelu_mlp"))

@@ -1,9 +1,11 @@
-"""Perplexity on a text file and lm-eval on a local task (asaf_fx.evaluate)."""
+"""Perplexity on a text file, lm-eval on a local task, and the python -m asaf_fx.eval CLI."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 import asaf_fx
 from asaf_fx.data import perplexity, read_joined, token_windows
+from asaf_fx.eval import main
 from asaf_fx.evaluate import run_lm_eval, text_perplexity
 
 LINES = [f"Line {i}: the quick brown fox jumps over {i % 7} lazy dogs." for i in range(40)]
@@ -38,6 +41,15 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def tiny(h):
     return h.make_tiny("llama", seed=3)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny, tokenizer, tmp_path_factory) -> Path:
+    """The tiny model and tokenizer saved as a transformers directory (what --model PATH loads)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture
@@ -141,3 +153,66 @@ def test_lm_eval_errors_are_clear(tiny, tokenizer, tmp_path):
         run_lm_eval(tiny, tokenizer, ["tiny_mc"], include_path=tmp_path / "nowhere")
     with pytest.raises(ValueError, match="limit=0"):
         run_lm_eval(tiny, tokenizer, ["tiny_mc"], limit=0)
+
+
+# --- CLI ---
+
+
+def test_cli_errors_exit_2_with_the_problem_and_the_fix(tmp_path, text_file, capsys):
+    assert main(["--model", "smollm2", "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt does not exist; pass an existing UTF-8 text file" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    assert main(["--model", "smollm2", "--text", str(empty)]) == 2
+    assert "empty.txt is empty" in capsys.readouterr().err
+    assert main(["--model", "no-such-model", "--text", str(text_file)]) == 2
+    assert "'no-such-model' is neither a known model (smollm2) nor an existing path" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "smollm2", "--limit", "3"])
+    assert exit_info.value.code == 2
+    assert "add --tasks" in capsys.readouterr().err
+
+
+def test_cli_bad_input_prints_no_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "asaf_fx.eval", "--model", "smollm2", "--text", str(tmp_path / "x.txt")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert "x.txt does not exist" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+def test_cli_on_a_saved_model_rotated_with_a_local_task(tiny, tokenizer, model_dir, text_file, task_dir, tmp_path,
+                                                        capsys):
+    out = tmp_path / "results" / "eval.json"
+    argv = ["--model", str(model_dir), "--rotate", "--text", str(text_file), "--seq-len", "32", "--windows", "2",
+            "--tasks", "tiny_mc", "--include-path", str(task_dir), "--out", str(out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert json.loads(out.read_text(encoding="utf-8")) == report
+    assert report["schema"] == "asaf_fx.eval/1" and report["rotate"] is True
+    assert report["perplexity"]["windows"] == 2 and report["perplexity"]["seq_len"] == 32
+    # Rotation preserves the function, so the rotated CLI run matches the unrotated model.
+    expected = text_perplexity(tiny, tokenizer, text_file, seq_len=32, windows=2)["perplexity"]
+    assert report["perplexity"]["perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert 0.0 <= report["lm_eval"]["tasks"]["tiny_mc"]["acc"] <= 1.0
+    assert "tiny_mc" in captured.err and "perplexity (2×32)" in captured.err  # the rich table on stderr
+
+
+def test_cli_unknown_task_names_where_it_looked(model_dir, task_dir, capsys):
+    # Slow part: the task is not under --include-path, so lm-eval's built-in index is built (~13 s).
+    assert main(["--model", str(model_dir), "--tasks", "tiny_mc,no_such_task", "--include-path", str(task_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown lm-eval task(s) no_such_task" in err and str(task_dir) in err
+    assert "write a task YAML and pass its folder" in err
+
+
+@pytest.mark.real_model
+def test_cli_smollm2_wikitext2_perplexity(smollm2, shared_data, monkeypatch, capsys):
+    # The session's SmolLM2 stands in for the CLI's own load (same load_model("smollm2") call).
+    monkeypatch.setattr("asaf_fx.eval.load_model", lambda name: smollm2 if name == "smollm2" else None)
+    text = shared_data / "wikitext-2-raw" / "wiki.test.raw"
+    assert main(["--model", "smollm2", "--text", str(text), "--windows", "1", "--seq-len", "512"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["perplexity"]["windows"] == 1 and report["perplexity"]["seq_len"] == 512
+    assert 10 < report["perplexity"]["perplexity"] < 60

@@ -131,10 +131,12 @@ class PruneConfig:
         granularity: channels are removed in blocks of this many, so pruned widths stay multiples
             of it (kernel-friendly); it must divide the model's MLP width.
         refit: least-squares correction of down_proj over the kept channels on calibration data.
+            Off by default: on SmolLM2 at 10% uniform sparsity it fitted the calibration data
+            but raised test perplexity (23.80 without, 24.74 with; README).
     """
 
     granularity: int = 32
-    refit: bool = True
+    refit: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.granularity, bool) or not isinstance(self.granularity, int) or self.granularity <= 0:

@@ -91,7 +91,6 @@ def select_mlp_channels(
     calibration states at layer 0 and are advanced through every layer (unpruned), so each layer's
     statistics come from the same inputs the dense model sees. Layers with sparsity 0 are skipped.
     """
-    gm = runner.split.module
     mlps = find_swiglus(runner.split.source)
     if len(sparsities) != runner.num_layers or len(mlps) != runner.num_layers:
         raise ValueError(f"{len(sparsities)} sparsities for {runner.num_layers} decoder layers "
@@ -100,7 +99,7 @@ def select_mlp_channels(
     result: list[MlpPruning | None] = []
     for layer, (mlp, sparsity) in enumerate(zip(mlps, sparsities, strict=True)):
         down_target = mlp.down.args[1].target
-        down = gm.get_parameter(down_target) if down_target in dict(gm.named_parameters()) else gm.get_buffer(down_target)
+        down = get_tensor(runner.split.source, mlp.down.args[1])  # the split module reads the same tensor
         hidden, width = down.shape
         remove = channels_to_remove(flops[layer], hidden, width, sparsity, granularity) if sparsity > 0 else 0
         if remove == 0:

@@ -109,12 +109,20 @@ def _run(passes: list[GraphPass], gm: GraphModule, model) -> None:
             f"asaf_fx.compile: {type(model).__name__} is not a supported Llama-family architecture: {exc}") from exc
 
 
-def _lowerings(gm: GraphModule, quant: QuantConfig, calibration: list[torch.Tensor] | None) -> list[LinearLowering]:
+def weight_spec(quant: QuantConfig, weight_name: str) -> WeightQuantSpec | None:
+    """How ``quant`` quantizes the weight attribute ``weight_name`` (None: it stays 16-bit)."""
+    s = quant.for_linear(weight_name)
+    return None if s["w_bits"] == 16 else WeightQuantSpec(bits=s["w_bits"], group_size=s["w_group_size"],
+                                                          method=s["w_method"])
+
+
+def _lowerings(gm: GraphModule, quant: QuantConfig, calibration: list[torch.Tensor] | None,
+               on_stats=None) -> list[LinearLowering]:
     names = [n.args[1].target for layer in decoder_linears(gm) for n in layer]
     settings = [quant.for_linear(name) for name in names]
-    specs = [None if s["w_bits"] == 16 else WeightQuantSpec(bits=s["w_bits"], group_size=s["w_group_size"],
-                                                            method=s["w_method"]) for s in settings]
-    weights = quantize_decoder_weights(gm, specs, calibration or ()) if any(specs) else [None] * len(names)
+    specs = [weight_spec(quant, name) for name in names]
+    weights = (quantize_decoder_weights(gm, specs, calibration or (), on_stats) if any(specs)
+               else [None] * len(names))
     return [LinearLowering.make(w, s["a_bits"], s["a_clip"]) for w, s in zip(weights, settings, strict=True)]
 
 

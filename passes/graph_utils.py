@@ -89,8 +89,13 @@ def linear_bias(node: Node) -> Node | None:
 def get_tensor(gm: GraphModule, node: Node) -> torch.Tensor:
     if node.op != "get_attr":
         raise TypeError(f"node {node.name} is {node.op}, not a parameter (get_attr)")
+    return attr_tensor(gm, node.target)
+
+
+def attr_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    """The parameter, buffer or constant at dotted ``target``."""
     obj = gm
-    for part in node.target.split("."):
+    for part in target.split("."):
         obj = getattr(obj, part)
     return obj
 

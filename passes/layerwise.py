@@ -10,7 +10,7 @@ States hold references, not copies; ``run_layer`` returns a new state and leaves
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -67,16 +67,23 @@ class LayerwiseRunner:
             if isinstance(arg, Node) and arg.op == "get_attr"
         }
 
-    def _run(self, index: int, state: State, call: LayerCall | None = None) -> State:
+    def _run(self, index: int, state: State, call: LayerCall | None = None,
+             replace: Mapping[str, torch.Tensor] | None = None) -> State:
         interpreter = self._interpreter
         env = dict(state)
         interpreter.env = env
         for node in self._segments[index]:
             if node.op == "get_attr":
                 env[node] = interpreter.fetch_attr(node.target)
-            elif call is not None and node is self._calls.get(index):
+            elif (call is not None or replace) and node is self._calls.get(index):
                 args = interpreter.fetch_args_kwargs_from_env(node)[0]
-                env[node] = call(getattr(self.split.module, node.target), args)
+                if replace:
+                    # By argument, not in env: a constant shared by several layers (one Hadamard
+                    # factor per width) is fetched once, before the first layer that reads it.
+                    args = tuple(replace.get(a.target, v) if isinstance(a, Node) and a.op == "get_attr" else v
+                                 for a, v in zip(node.args, args, strict=True))
+                submodule = getattr(self.split.module, node.target)
+                env[node] = submodule(*args) if call is None else call(submodule, args)
             elif node.op == "output":
                 env[node] = interpreter.fetch_args_kwargs_from_env(node)[0][0]
             else:
@@ -89,16 +96,24 @@ class LayerwiseRunner:
         with torch.no_grad():
             return self._run(0, {})
 
-    def run_layer(self, layer: int, state: State, call: LayerCall | None = None) -> State:
+    def run_layer(self, layer: int, state: State, call: LayerCall | None = None,
+                  replace: Mapping[str, torch.Tensor] | None = None) -> State:
         """Advance ``state`` through decoder layer ``layer``.
 
         ``call(submodule, args)``, if given, runs the layer's submodule instead of ``submodule(*args)``
-        (to record statistics, say); it must return what the submodule returns.
+        (to record statistics, say); it must return what the submodule returns. ``replace`` maps
+        attributes of the split module (weights, constants) to tensors this layer reads instead,
+        for this call only — how calibration runs a pruned variant of one layer.
         """
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"layer {layer} is out of range for {self.num_layers} decoder layers")
+        if replace:
+            read = set(self.parameter_targets(layer).values())
+            unknown = sorted(set(replace) - read)
+            if unknown:
+                raise KeyError(f"layer {layer} reads no attribute named {unknown}")
         with torch.no_grad():
-            return self._run(layer + 1, state, call)
+            return self._run(layer + 1, state, call, replace)
 
     def finish(self, state: State) -> tuple:
         """Run the epilogue; returns the graph's outputs (a flat tuple)."""

@@ -12,7 +12,7 @@ run before the online Hadamard before down_proj, whose rotation mixes down_proj'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,7 @@ from asaf_fx.passes.channel_selection import (channel_importance, channels_to_ke
 from asaf_fx.passes.graph_utils import get_tensor, linear_bias, set_tensor, update_tensor
 from asaf_fx.passes.infra import META_KEY, PassResult, PatternError
 from asaf_fx.passes.layerwise import LayerwiseRunner, State
-from asaf_fx.passes.linear_stats import collect_linear_stats
+from asaf_fx.passes.linear_stats import LinearStats, collect_linear_stats
 from asaf_fx.passes.patterns import find_swiglus
 from asaf_fx.passes.split_layers import decoder_linears
 
@@ -78,6 +78,28 @@ def layer_linear_flops(gm: GraphModule) -> list[int]:
     return [sum(2 * get_tensor(gm, n.args[1]).numel() for n in layer) for layer in decoder_linears(gm)]
 
 
+def _down_inputs(runner: LayerwiseRunner, states: list[State], wanted: Callable[[int], bool]
+                 ) -> Iterator[tuple[int, str, torch.Tensor, LinearStats | None]]:
+    """Per decoder layer: (layer, down_proj weight attribute, its weight, statistics of its input
+    on ``states`` — or None where ``wanted(layer)`` is false). ``states`` advance through every
+    (unpruned) layer, so each layer's statistics come from the inputs the dense model sees."""
+    mlps = find_swiglus(runner.split.source)
+    if len(mlps) != runner.num_layers:
+        raise ValueError(f"{len(mlps)} SwiGLU MLPs found for {runner.num_layers} decoder layers")
+    for layer, mlp in enumerate(mlps):
+        target = mlp.down.args[1].target
+        down = get_tensor(runner.split.source, mlp.down.args[1]).detach()  # the split module reads the same tensor
+        stats = collect_linear_stats(runner, layer, states)[target] if wanted(layer) else None
+        yield layer, target, down, stats
+        states[:] = [runner.run_layer(layer, state) for state in states]
+
+
+def channel_importances(runner: LayerwiseRunner, states: list[State]) -> list[torch.Tensor]:
+    """:func:`channel_importance` of every layer's MLP channels (see :func:`select_mlp_channels`)."""
+    return [channel_importance(down, stats.mean_square)
+            for _, _, down, stats in _down_inputs(runner, states, lambda _: True)]
+
+
 def select_mlp_channels(
     runner: LayerwiseRunner,
     states: list[State],
@@ -91,24 +113,19 @@ def select_mlp_channels(
     calibration states at layer 0 and are advanced through every layer (unpruned), so each layer's
     statistics come from the same inputs the dense model sees. Layers with sparsity 0 are skipped.
     """
-    mlps = find_swiglus(runner.split.source)
-    if len(sparsities) != runner.num_layers or len(mlps) != runner.num_layers:
-        raise ValueError(f"{len(sparsities)} sparsities for {runner.num_layers} decoder layers "
-                         f"({len(mlps)} SwiGLU MLPs found)")
+    if len(sparsities) != runner.num_layers:
+        raise ValueError(f"{len(sparsities)} sparsities for {runner.num_layers} decoder layers")
     flops = layer_linear_flops(runner.split.source)
+    removed = []
+    for layer, sparsity in enumerate(sparsities):
+        hidden, width = get_tensor(runner.split.source, find_swiglus(runner.split.source)[layer].down.args[1]).shape
+        removed.append(channels_to_remove(flops[layer], hidden, width, sparsity, granularity) if sparsity > 0 else 0)
     result: list[MlpPruning | None] = []
-    for layer, (mlp, sparsity) in enumerate(zip(mlps, sparsities, strict=True)):
-        down_target = mlp.down.args[1].target
-        down = get_tensor(runner.split.source, mlp.down.args[1])  # the split module reads the same tensor
-        hidden, width = down.shape
-        remove = channels_to_remove(flops[layer], hidden, width, sparsity, granularity) if sparsity > 0 else 0
-        if remove == 0:
+    for layer, _, down, stats in _down_inputs(runner, states, lambda i: removed[i] > 0):
+        if stats is None:
             result.append(None)
-        else:
-            stats = collect_linear_stats(runner, layer, states)[down_target]
-            keep = channels_to_keep(channel_importance(down.detach(), stats.mean_square), remove)
-            refitted = refit_down_proj(down.detach(), stats.hessian / stats.rows, keep) if refit else None
-            result.append(MlpPruning(keep, refitted))
-        states[:] = [runner.run_layer(layer, state) for state in states]
+            continue
+        keep = channels_to_keep(channel_importance(down, stats.mean_square), removed[layer])
+        refitted = refit_down_proj(down, stats.hessian / stats.rows, keep) if refit else None
+        result.append(MlpPruning(keep, refitted))
     return result
-

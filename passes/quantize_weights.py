@@ -9,7 +9,7 @@ as it is. Returns the integer codes and scales per weight attribute, for packing
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +18,7 @@ from torch.fx import GraphModule, Node
 from asaf_fx.passes.gptq import quantize_gptq
 from asaf_fx.passes.graph_utils import aten, get_tensor, is_op, set_tensor
 from asaf_fx.passes.layerwise import LayerwiseRunner, State
-from asaf_fx.passes.linear_stats import collect_linear_stats
+from asaf_fx.passes.linear_stats import LinearStats, collect_linear_stats
 from asaf_fx.passes.rtn import QuantizedWeight, check_bits, quantize_rtn
 from asaf_fx.passes.split_layers import decoder_linears, split_decoder_layers
 
@@ -53,12 +53,14 @@ def linear_weight_targets(runner: LayerwiseRunner, layer: int) -> list[str]:
 
 
 def quantize_layer_weights(
-    runner: LayerwiseRunner, states: list[State], spec: WeightQuantSpec | Mapping[str, WeightQuantSpec | None]
+    runner: LayerwiseRunner, states: list[State], spec: WeightQuantSpec | Mapping[str, WeightQuantSpec | None],
+    on_stats: Callable[[str, LinearStats], None] | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantize all decoder-layer linears of ``runner``'s module in place (see module docstring).
 
     ``spec`` applies to every linear, or maps weight attributes to their own spec (None, or
-    missing: keep that weight in float).
+    missing: keep that weight in float). ``on_stats(target, stats)`` sees the input statistics
+    of each GPTQ-quantized weight (calibration re-quantizes pruned weights from them).
     """
     module = runner.split.module
     spec_of = (lambda _: spec) if isinstance(spec, WeightQuantSpec) else spec.get
@@ -70,6 +72,8 @@ def quantize_layer_weights(
         for target, s in specs.items():
             weight = module.get_parameter(target) if target in dict(module.named_parameters()) else module.get_buffer(target)
             if s.method == "gptq":
+                if on_stats is not None:
+                    on_stats(target, stats[target])
                 q = quantize_gptq(weight.detach(), stats[target].hessian, s.bits, s.group_size,
                                   damp=s.damp, act_order=s.act_order, clip_search=s.clip_search)
             else:
@@ -81,7 +85,8 @@ def quantize_layer_weights(
 
 
 def quantize_decoder_weights(
-    gm: GraphModule, specs: Sequence[WeightQuantSpec | None], calibration: Sequence[torch.Tensor] = ()
+    gm: GraphModule, specs: Sequence[WeightQuantSpec | None], calibration: Sequence[torch.Tensor] = (),
+    on_stats: Callable[[str, LinearStats], None] | None = None,
 ) -> list[QuantizedWeight | None]:
     """Quantized weights of ``gm``'s decoder linears, one ``spec`` each (None: stays float), in
     :func:`decoder_linears` order; ``gm`` itself is untouched.
@@ -98,5 +103,5 @@ def quantize_decoder_weights(
         raise ValueError("GPTQ needs calibration data: pass calibration= (token ids) or use w_method='rtn'")
     runner = LayerwiseRunner(split_decoder_layers(gm))
     states = [runner.start(batch, False) for batch in calibration]
-    found = quantize_layer_weights(runner, states, {n.args[1].target: s for n, s in zip(linears, specs)})
+    found = quantize_layer_weights(runner, states, {n.args[1].target: s for n, s in zip(linears, specs)}, on_stats)
     return [found.get(n.args[1].target) for n in linears]

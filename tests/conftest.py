@@ -79,6 +79,18 @@ def make_tiny(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model
 
 
+def byte_tokenizer():
+    """Byte-level tokenizer with exactly 256 tokens (the tiny models' vocab), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # lm-eval needs an EOS token; "Ā" is the byte-level symbol of byte 0, which no test text contains.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="Ā")
+
+
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, torch.nn.Module]:
     return {arch: make_tiny(arch) for arch in ARCHS}
@@ -202,4 +214,4 @@ def h():
     from types import SimpleNamespace
 
     return SimpleNamespace(rel_err=rel_err, snapshot=snapshot, assert_unchanged=assert_unchanged, archs=ARCHS,
-                           make_tiny=make_tiny, tiny=TINY, single_thread=single_thread)
+                           make_tiny=make_tiny, tiny=TINY, byte_tokenizer=byte_tokenizer, single_thread=single_thread)

@@ -26,16 +26,8 @@ DOCS = [  # the tiny local multiple-choice task; `label` indexes `choices`
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """Byte-level tokenizer with exactly 256 tokens (the tiny models' vocab), built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    # lm-eval needs an EOS token; "Ā" is the byte-level symbol of byte 0, which no test text contains.
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="Ā")
+def tokenizer(h):
+    return h.byte_tokenizer()
 
 
 @pytest.fixture(scope="module")

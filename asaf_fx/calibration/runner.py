@@ -37,6 +37,7 @@ def measure_entries(
     rank: int = 0,
     world: int = 1,
     on_measured: Callable[[Entry, float], None] | None = None,
+    on_todo: Callable[[int], None] | None = None,
 ) -> dict[Entry, float]:
     known: dict[Entry, float] = {}
     for path in progress_files(out):
@@ -45,6 +46,8 @@ def measure_entries(
     mine = Progress(f"{out}.progress-{rank}.json", fingerprint)
     mine.values.update({e: v for e, v in known.items() if e in wanted})
     todo = [e for index, e in enumerate(entries) if index % world == rank and e not in known]
+    if on_todo is not None:
+        on_todo(len(todo))
     for entry in todo:
         value = float(measure(entry))
         mine.record(entry, value)

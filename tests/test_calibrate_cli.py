@@ -1,0 +1,118 @@
+"""python -m asaf_fx.calibrate on a tiny saved model: the table it writes, resume, bad input."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import asaf_fx
+from asaf_fx import calibrate
+from asaf_fx.calibration.measure import DegradationMeter
+from asaf_fx.calibration.runner import progress_files
+
+WORDS = ("the model reads a long text about rivers , hills and old towns ; each line adds a few more "
+         "words so that the byte level windows have something to predict .").split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(h, tmp_path_factory) -> Path:
+    """A 4-layer tiny Llama with a byte tokenizer, saved as a transformers directory."""
+    folder = tmp_path_factory.mktemp("tiny4")
+    h.make_tiny("llama", seed=5, num_hidden_layers=4).save_pretrained(folder)
+    h.byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    rng = np.random.default_rng(0)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS, 12)) for _ in range(60)) + "\n", encoding="utf-8")
+    return path
+
+
+def argv(model_dir, text_file, out, *extra):
+    return ["--model", str(model_dir), "--text", str(text_file), "--windows", "4", "--seq-len", "32",
+            "--sparsities", "0.1,0.2", "--w-method", "rtn", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def groups_table(model_dir, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "table.safetensors"
+    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2")) == 0
+    return out
+
+
+def test_the_table_loads_solves_and_records_what_was_measured(groups_table):
+    table = asaf_fx.SensitivityTable.load(groups_table)
+    assert table.num_layers == 4 and list(table.sparsities) == [0.1, 0.2]
+    assert table.meta["metric"] == "ppl" and table.meta["mode"] == "groups"
+    # groups of length 1 and 2 measured (4 + 3 starts × 2 levels), longer ones estimated
+    assert table.measured[:, :2].sum() == 14 and not table.measured[:, 2:].any()
+    assert np.isfinite(table.degradation[0, 3]).all()  # the whole-model group got an estimate
+    assert not progress_files(groups_table)  # finished: progress files are gone
+    # H from the real channel counts: 32 and 64 of 160 channels, 6·96 FLOPs each
+    assert table.flops[1, 0].tolist() == [table.layer_flops[1] - 32 * 576, table.layer_flops[1] - 64 * 576]
+    assert table.meta["layer_forwards"] > 0
+    plan = asaf_fx.solve(table, max_degradation=float(np.nanmax(table.degradation)) * 4, min_sparsity=0.1,
+                         max_sparsity=0.2)
+    assert plan.num_layers == 4 and plan.flops < plan.dense_flops
+
+
+def test_interrupt_and_resume_give_the_identical_table(groups_table, model_dir, text_file, tmp_path, monkeypatch):
+    out = tmp_path / "table.safetensors"
+    real = DegradationMeter.__call__
+    calls = {"n": 0}
+
+    def interrupting(self, assignment):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the 5th measurement of the table (the empty base call is not one)
+            raise KeyboardInterrupt
+        return real(self, assignment)
+
+    monkeypatch.setattr(DegradationMeter, "__call__", interrupting)
+    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2")) == 130
+    assert not out.exists() and progress_files(out)
+    monkeypatch.setattr(DegradationMeter, "__call__", real)
+    # progress made with other settings is refused, not mixed in
+    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--seed", "1")) == 2
+    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2")) == 0
+    resumed, whole = asaf_fx.SensitivityTable.load(out), asaf_fx.SensitivityTable.load(groups_table)
+    for name in ("degradation", "flops", "measured", "layer_flops"):
+        assert np.array_equal(getattr(resumed, name), getattr(whole, name), equal_nan=True), name
+
+
+def test_validation_and_plot(model_dir, text_file, tmp_path):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "t.safetensors", tmp_path / "heat.png"
+    assert calibrate.main(argv(model_dir, text_file, out, "--metric", "kl", "--validate", "3", "--plot", str(png))) == 0
+    validation = asaf_fx.SensitivityTable.load(out).meta["validation"]
+    assert validation["plans"] == 3 and len(validation["measured"]) == 3
+    assert all(m > 0 for m in validation["measured"])  # KL of a pruned model is positive
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--sparsities", "0.1,1.5"], "must lie in (0, 1)"),
+    (["--sparsities", "0.2,0.1"], "strictly increasing"),
+    (["--mode", "groups"], "--max-length"),
+    (["--w-bits", "3"], "bits"),
+])
+def test_bad_arguments_are_refused_by_the_parser(model_dir, text_file, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        calibrate.main(argv(model_dir, text_file, tmp_path / "t.safetensors", *extra))
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_inputs_name_the_problem(model_dir, text_file, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cases = [
+        (argv(model_dir, tmp_path / "missing.txt", tmp_path / "a"), "does not exist"),
+        (argv(model_dir, empty, tmp_path / "b"), "is empty"),
+        (argv(model_dir, text_file, tmp_path / "c", "--windows", "400"), "only"),
+        (argv("no-such-model", text_file, tmp_path / "d"), "neither a known model"),
+    ]
+    for args, message in cases:
+        assert calibrate.main(args) == 2
+        assert message in capsys.readouterr().err

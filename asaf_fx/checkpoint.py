@@ -77,13 +77,14 @@ class CheckpointInfo:
 def _mutated(gm: GraphModule) -> set[str]:
     """Attributes the graph writes in place (the static KV cache): state, not weights."""
     written = set()
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and getattr(node.target, "_schema", None) is not None and node.args:
-            first = node.args[0]
-            schema = node.target._schema
-            if (getattr(first, "op", None) == "get_attr" and schema.arguments
-                    and schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write):
-                written.add(first.target)
+    for node in gm.graph.find_nodes(op="call_function"):
+        schema = getattr(node.target, "_schema", None)
+        first = node.args[0] if node.args else None
+        if schema is None or not schema.arguments or getattr(first, "op", None) != "get_attr":
+            continue
+        alias = schema.arguments[0].alias_info
+        if alias is not None and alias.is_write:
+            written.add(first.target)
     return written
 
 
@@ -383,8 +384,8 @@ def load_saved(path: str | os.PathLike, **kwargs) -> tuple[CompiledModel, Any]:
     from transformers import AutoTokenizer
 
     folder = Path(path)
-    model = load(folder, **kwargs)
-    if not (folder / "tokenizer_config.json").is_file():
+    if folder.is_dir() and not (folder / "tokenizer_config.json").is_file():  # before the slow rebuild
         raise FileNotFoundError(f"{folder} holds no tokenizer; save one beside the model with "
                                 "asaf_fx.save(model, dir, tokenizer=tokenizer)")
+    model = load(folder, **kwargs)
     return model, AutoTokenizer.from_pretrained(str(folder))

@@ -77,8 +77,8 @@ class CheckpointInfo:
 def _mutated(gm: GraphModule) -> set[str]:
     """Attributes the graph writes in place (the static KV cache): state, not weights."""
     written = set()
-    for node in gm.graph.find_nodes(op="call_function"):
-        schema = getattr(node.target, "_schema", None)
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
         first = node.args[0] if node.args else None
         if schema is None or not schema.arguments or getattr(first, "op", None) != "get_attr":
             continue

@@ -1,5 +1,6 @@
 """asaf-fx: rotation-based low-bit quantization plus sensitivity-aware structured sparsity."""
 
+from asaf_fx.checkpoint import CheckpointError, CheckpointInfo, load, save
 from asaf_fx.compile import compile  # noqa: A004 (public name from the design card)
 from asaf_fx.config import PruneConfig, QuantConfig
 from asaf_fx.inspection import inspect
@@ -10,4 +11,5 @@ from asaf_fx.table import SensitivityTable
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["Group", "InfeasibleError", "Plan", "PruneConfig", "QuantConfig", "SensitivityTable", "compile", "inspect", "load_model", "solve", "uniform_plan"]
+__all__ = ["CheckpointError", "CheckpointInfo", "Group", "InfeasibleError", "Plan", "PruneConfig", "QuantConfig",
+           "SensitivityTable", "compile", "inspect", "load", "load_model", "save", "solve", "uniform_plan"]

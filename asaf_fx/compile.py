@@ -18,7 +18,7 @@ then shares the forward graph's final tensors, so the two graphs hold one copy o
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.fx import GraphModule
@@ -31,7 +31,7 @@ from asaf_fx.passes.infra import GraphPass, PassManager, PatternError
 from asaf_fx.passes.layerwise import LayerwiseRunner
 from asaf_fx.passes.lower_linears import LinearLowering, LowerLinears
 from asaf_fx.passes.online_hadamard import OnlineHadamardDown, OnlineHadamardOut
-from asaf_fx.passes.prune_mlp import PruneMlpChannels, select_mlp_channels
+from asaf_fx.passes.prune_mlp import MlpPruning, PruneMlpChannels, select_mlp_channels
 from asaf_fx.passes.quantize_kv import QuantizeKV
 from asaf_fx.passes.quantize_weights import WeightQuantSpec, quantize_decoder_weights
 from asaf_fx.passes.rotate_qk import RotateQueryKey
@@ -126,6 +126,34 @@ def _lowerings(gm: GraphModule, quant: QuantConfig, calibration: list[torch.Tens
     return [LinearLowering.make(w, s["a_bits"], s["a_clip"]) for w, s in zip(weights, settings, strict=True)]
 
 
+def rewrite(graphs: list[GraphModule], model, quant: QuantConfig,
+            prunings: Callable[[GraphModule], list[MlpPruning | None] | None],
+            lowerings: Callable[[GraphModule], list[LinearLowering]]) -> None:
+    """Run compile's pass sequence on ``graphs`` (forward first), sharing ``graphs[0]``'s tensors.
+
+    ``prunings`` and ``lowerings`` are asked once, on the forward graph, at the point of the
+    sequence where they are needed (after the residual rotation, after the online rotations);
+    every graph gets the same rewrites with their answers. ``prunings`` returns None for "prune
+    nothing". ``compile`` answers from calibration data; ``asaf_fx.load`` with placeholders of the
+    saved shapes, whose values it then overwrites.
+    """
+    forward = graphs[0]
+    for gm in graphs:
+        _run(residual_passes(quant), gm, model)
+    chosen = prunings(forward)
+    if chosen is not None:
+        for gm in graphs:
+            _run([PruneMlpChannels(chosen)], gm, model)
+    for gm in graphs:
+        _run(online_passes(quant) + ([QuantizeKV(quant.kv_bits)] if quant.kv_bits < 16 else []), gm, model)
+    if quant.quantizes:
+        lowered = lowerings(forward)
+        for gm in graphs:
+            _run([LowerLinears(lowered)], gm, model)
+    for gm in graphs[1:]:
+        share_weights(forward, gm)
+
+
 def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantConfig | None = None,  # noqa: A001
             calibration=None, prune: PruneConfig | None = None, decode: bool = True,
             max_cache_len: int = 256, backend: str | None = "auto") -> CompiledModel:
@@ -162,29 +190,21 @@ def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantCon
     finally:
         model.train(was_training)
     forward = graphs[0]
-    for gm in graphs:
-        _run(residual_passes(quant), gm, model)
-    try:
-        sparsities = _check_plan(plan, len(layer_ends(forward)))
-    except PatternError as exc:
-        raise UnsupportedArchitectureError(f"asaf_fx.compile: {exc}") from exc
-    if any(s > 0 for s in sparsities):
+
+    def prunings(gm: GraphModule) -> list[MlpPruning | None] | None:
+        try:
+            sparsities = _check_plan(plan, len(layer_ends(gm)))
+        except PatternError as exc:
+            raise UnsupportedArchitectureError(f"asaf_fx.compile: {exc}") from exc
+        if not any(s > 0 for s in sparsities):
+            return None
         if batches is None:
             raise ValueError("a plan with non-zero sparsity needs calibration data to choose channels; pass calibration=")
-        runner = LayerwiseRunner(split_decoder_layers(forward))
+        runner = LayerwiseRunner(split_decoder_layers(gm))
         states = [runner.start(batch, False) for batch in batches]
-        prunings = select_mlp_channels(runner, states, sparsities, prune.granularity, prune.refit)
-        del runner, states
-        for gm in graphs:
-            _run([PruneMlpChannels(prunings)], gm, model)
-    for gm in graphs:
-        _run(online_passes(quant) + ([QuantizeKV(quant.kv_bits)] if quant.kv_bits < 16 else []), gm, model)
-    if quant.quantizes:
-        lowerings = _lowerings(forward, quant, batches)
-        for gm in graphs:
-            _run([LowerLinears(lowerings)], gm, model)
-    for gm in graphs[1:]:
-        share_weights(forward, gm)
+        return select_mlp_channels(runner, states, sparsities, prune.granularity, prune.refit)
+
+    rewrite(graphs, model, quant, prunings, lambda gm: _lowerings(gm, quant, batches))
     for gm in graphs:
         log.info("compiled %s graph: passes %s", gm.meta["asaf_fx"]["kind"], gm.meta["asaf_fx"].get("passes", []))
     return CompiledModel(forward, graphs[1] if decode else None, model.config, quant, plan=plan,

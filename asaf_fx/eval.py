@@ -1,4 +1,4 @@
-"""python -m asaf_fx.eval --model smollm2|PATH [--rotate] [--text FILE] [--tasks a,b --include-path DIR]
+"""python -m asaf_fx.eval (MODEL_DIR | --model smollm2|PATH [--rotate]) [--text FILE] [--tasks a,b --include-path DIR]
 
 Perplexity on a text file and lm-eval tasks for one model; prints the results as JSON.
 """
@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from asaf_fx._atomic import write_text_atomic
+from asaf_fx.checkpoint import load_saved
 from asaf_fx.data import wikitext2_test_path
 from asaf_fx.evaluate import read_text, run_lm_eval, seed_everything, text_perplexity
 from asaf_fx.models import load_model
@@ -46,8 +47,9 @@ def _task_list(value: str) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m asaf_fx.eval", description=__doc__.strip().splitlines()[2])
-    # A positional MODEL_DIR for models saved by asaf_fx.save belongs here once asaf_fx.load exists.
-    parser.add_argument("--model", required=True, help="'smollm2', a transformers model directory or a .gguf file")
+    parser.add_argument("model_dir", nargs="?", type=Path, metavar="MODEL_DIR",
+                        help="a compiled model saved by asaf_fx.save (with its tokenizer); instead of --model")
+    parser.add_argument("--model", help="'smollm2', a transformers model directory or a .gguf file")
     parser.add_argument("--rotate", action="store_true",
                         help="evaluate asaf_fx.compile(model): QuaRot rotations only, 16-bit")
     parser.add_argument("--text", type=Path,
@@ -61,6 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=_int_at_least(0), default=0, help="seed for rotations and lm-eval (default 0)")
     parser.add_argument("--out", type=Path, help="also write the JSON here (atomically)")
     args = parser.parse_args(argv)
+    if (args.model_dir is None) == (args.model is None):
+        parser.error("give either MODEL_DIR (a directory written by asaf_fx.save) or --model, not both or neither")
+    if args.model_dir is not None and args.rotate:
+        parser.error("--rotate applies to --model; a saved MODEL_DIR is already compiled")
     if args.tasks is None and (args.include_path is not None or args.limit is not None):
         parser.error("--include-path and --limit apply to lm-eval tasks; add --tasks")
     return args
@@ -104,10 +110,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         read_text(text)  # fail on a missing or empty file before the model loads
     if args.include_path is not None and not args.include_path.is_dir():
         raise FileNotFoundError(f"--include-path {args.include_path} is not a directory of lm-eval task YAML files")
-    report: dict[str, Any] = {"schema": SCHEMA, "model": args.model, "rotate": args.rotate, "seed": args.seed}
+    name = args.model if args.model_dir is None else str(args.model_dir)
+    report: dict[str, Any] = {"schema": SCHEMA, "model": name, "rotate": args.rotate, "seed": args.seed}
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model) if args.model_dir is None else load_saved(args.model_dir)
     seconds["load"] = time.perf_counter() - start
     if args.rotate:
         import asaf_fx

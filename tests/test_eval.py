@@ -208,3 +208,32 @@ def test_cli_smollm2_wikitext2_perplexity(smollm2, shared_data, monkeypatch, cap
     report = json.loads(capsys.readouterr().out)
     assert report["perplexity"]["windows"] == 1 and report["perplexity"]["seq_len"] == 512
     assert 10 < report["perplexity"]["perplexity"] < 60
+
+
+def test_cli_on_a_model_dir_written_by_asaf_fx_save(tiny, tokenizer, text_file, tmp_path, capsys):
+    compiled = asaf_fx.compile(tiny, quant=asaf_fx.QuantConfig(w_bits=4, a_bits=8, w_method="rtn"), decode=False)
+    folder = tmp_path / "saved"
+    asaf_fx.save(compiled, folder, tokenizer=tokenizer)
+    assert main([str(folder), "--text", str(text_file), "--seq-len", "32", "--windows", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == str(folder) and report["rotate"] is False
+    # the reloaded model is bit-identical, so the perplexity is exactly the compiled model's
+    expected = text_perplexity(compiled, tokenizer, text_file, seq_len=32, windows=2)["perplexity"]
+    assert report["perplexity"]["perplexity"] == expected
+    bare = tmp_path / "no-tokenizer"
+    asaf_fx.save(compiled, bare)
+    assert main([str(bare), "--text", str(text_file)]) == 2
+    assert "holds no tokenizer; save one beside the model with asaf_fx.save(model, dir, tokenizer=" in capsys.readouterr().err
+    assert main([str(tmp_path / "nothing"), "--text", str(text_file)]) == 2
+    assert "is not a directory; pass the directory asaf_fx.save wrote" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["somewhere", "--model", "smollm2"], "give either MODEL_DIR"),
+    ([], "give either MODEL_DIR"),
+    (["somewhere", "--rotate"], "--rotate applies to --model"),
+])
+def test_cli_takes_model_dir_or_model(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -113,7 +113,8 @@ def _lowerings(gm: GraphModule, quant: QuantConfig, calibration: list[torch.Tens
     names = [n.args[1].target for layer in decoder_linears(gm) for n in layer]
     settings = [quant.for_linear(name) for name in names]
     specs = [None if s["w_bits"] == 16 else WeightQuantSpec(bits=s["w_bits"], group_size=s["w_group_size"],
-                                                            method=s["w_method"]) for s in settings]
+                                                            method=s["w_method"], clip_search=quant.w_clip_search)
+             for s in settings]
     weights = quantize_decoder_weights(gm, specs, calibration or ()) if any(specs) else [None] * len(names)
     return [LinearLowering.make(w, s["a_bits"], s["a_clip"]) for w, s in zip(weights, settings, strict=True)]
 

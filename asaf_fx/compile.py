@@ -113,7 +113,7 @@ def weight_spec(quant: QuantConfig, weight_name: str) -> WeightQuantSpec | None:
     """How ``quant`` quantizes the weight attribute ``weight_name`` (None: it stays 16-bit)."""
     s = quant.for_linear(weight_name)
     return None if s["w_bits"] == 16 else WeightQuantSpec(bits=s["w_bits"], group_size=s["w_group_size"],
-                                                          method=s["w_method"])
+                                                          method=s["w_method"], clip_search=quant.w_clip_search)
 
 
 def _lowerings(gm: GraphModule, quant: QuantConfig, calibration: list[torch.Tensor] | None,

@@ -39,6 +39,9 @@ class QuantConfig:
         kv_bits: KV-cache bits, one of 4, 8, 16 (asymmetric, one group per token and head).
         w_method: weight quantizer, "rtn" (round to nearest) or "gptq" (needs calibration data).
         w_group_size: weight scales per group of this many input columns; None = per output channel.
+        w_clip_search: choose each weight scale's clip factor by an MSE search (RTN and GPTQ);
+            False takes the full range: faster to compile (the search is 40 passes over every
+            weight), a little less accurate; ``python -m asaf_fx.bench`` turns it off.
         a_clip: activation clip ratio: per-token range = a_clip · max|x| (1 = none).
         rotate: apply QuaRot-style rotations (residual stream, online Hadamards before down_proj and
             o_proj, head-wise V/O, online Q/K after RoPE). Function-preserving on its own.
@@ -54,13 +57,14 @@ class QuantConfig:
     kv_bits: int = 16
     w_method: str = "rtn"
     w_group_size: int | None = None
+    w_clip_search: bool = True
     a_clip: float = 1.0
     rotate: bool = True
     rotation: str = "hadamard"
     seed: int = 0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    version: ClassVar[int] = 2
+    version: ClassVar[int] = 3
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "kv_bits"):
@@ -71,8 +75,9 @@ class QuantConfig:
         _check_clip("QuantConfig", self.a_clip)
         if self.rotation not in _ROTATIONS:
             raise ValueError(f"QuantConfig.rotation={self.rotation!r}: must be one of {_ROTATIONS}")
-        if not isinstance(self.rotate, bool):
-            raise ValueError(f"QuantConfig.rotate={self.rotate!r}: must be True or False")
+        for name in ("rotate", "w_clip_search"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"QuantConfig.{name}={getattr(self, name)!r}: must be True or False")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"QuantConfig.seed={self.seed!r}: must be a non-negative int")
         if not isinstance(self.overrides, dict):
@@ -114,7 +119,8 @@ class QuantConfig:
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
         data = dict(data)
         version = data.pop("version", cls.version)
-        if version not in (1, cls.version):  # version 1 lacked w_group_size, a_clip, overrides
+        # Version 1 lacked w_group_size, a_clip and overrides; version 2 lacked w_clip_search.
+        if version not in (1, 2, cls.version):
             raise ValueError(f"QuantConfig version {version} is not supported (this is version {cls.version})")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known

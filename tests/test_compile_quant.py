@@ -80,3 +80,15 @@ def test_bad_input(tiny_models, kwargs, error, match):
 def test_eval_and_device_work_like_a_module(w4a4):
     assert w4a4.eval() is w4a4 and not w4a4.training
     assert w4a4.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("clip_search", [True, False])
+def test_w_clip_search_reaches_the_weight_quantizer(captured, monkeypatch, clip_search):
+    import importlib
+
+    compile_module = importlib.import_module("asaf_fx.compile")  # the attribute asaf_fx.compile is the function
+    seen = []
+    monkeypatch.setattr(compile_module, "quantize_decoder_weights",
+                        lambda gm, specs, calibration: seen.extend(specs) or [None] * len(specs))
+    compile_module._lowerings(captured("llama"), QuantConfig(w_bits=4, w_clip_search=clip_search), None)
+    assert len(seen) == 14 and {s.clip_search for s in seen} == {clip_search}

@@ -27,7 +27,7 @@ def test_frozen():
 @pytest.mark.parametrize("kwargs, match", [
     ({"w_bits": 3}, "w_bits=3"), ({"a_bits": 32}, "a_bits=32"), ({"kv_bits": True}, "kv_bits=True"),
     ({"w_method": "awq"}, "w_method"), ({"rotation": "givens"}, "rotation"), ({"seed": -1}, "seed"),
-    ({"rotate": 1}, "rotate"),
+    ({"rotate": 1}, "rotate"), ({"w_clip_search": "no"}, "w_clip_search"),
 ])
 def test_validation_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -59,3 +59,10 @@ def test_new_fields_and_overrides_validate():
 
 def test_version_1_configs_still_load():
     assert QuantConfig.from_dict({"version": 1, "w_bits": 4}) == QuantConfig(w_bits=4)
+
+
+def test_version_2_configs_load_with_the_clip_search_on():
+    loaded = QuantConfig.from_dict({"version": 2, "w_bits": 4, "a_clip": 0.9})
+    assert loaded == QuantConfig(w_bits=4, a_clip=0.9) and loaded.w_clip_search
+    off = QuantConfig(w_bits=4, w_clip_search=False)
+    assert QuantConfig.from_dict(json.loads(json.dumps(off.to_dict()))) == off

@@ -1,0 +1,319 @@
+"""python -m asaf_fx.bench [--preset llama2-7b|llama3-8b|smollm2-135m] [--layers N] [--seq ...] [--batch ...]
+
+Prefill latency, decode tokens/s and peak memory of FP16 vs rotated INT4 vs ASAF on random weights.
+
+Three variants of one seeded random Llama-shaped model: ``fp16`` (the transformers model as it is,
+in half precision on a GPU and float32 on the CPU), ``int4`` (``asaf_fx.compile`` with rotations
+and W4A4KV4, RTN weights) and ``asaf`` (the same plus a sparsity plan: ``--plan FILE`` or a
+uniform ``--sparsity``). Speed does not depend on weight values, so random weights (and RTN rather
+than GPTQ) measure a real model's speed; accuracy is measured elsewhere (``benchmarks/compile_ppl.py``).
+On the CPU the INT4 ops run their torch references: such figures are labelled as the CPU reference
+path, never as GPU speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from asaf_fx._atomic import write_text_atomic
+from asaf_fx.speed import (PRESETS, PeakMemory, Shape, device_name, hf_decode_step, linear_totals, measure_decode,
+                           measure_prefill, random_llama)
+
+SCHEMA = "asaf_fx.bench/1"
+VARIANTS = ("fp16", "int4", "asaf")
+CPU_LABEL = "CPU reference path — not a GPU speed figure"
+CALIBRATION_SAMPLES, CALIBRATION_LEN = 4, 128
+# Defaults per device: the issue's full grid on a GPU; on the CPU a grid that ends in minutes on 2 cores.
+DEFAULTS = {
+    "cuda": {"preset": "llama2-7b", "layers": None, "seq": [512, 2048, 4096], "batch": [1, 4, 16],
+             "decode_tokens": 64, "repeats": 5},
+    # All 30 SmolLM2 layers took 16 min here (2 busy cores): compiling and the reference INT4 ops.
+    "cpu": {"preset": "smollm2-135m", "layers": 4, "seq": [512], "batch": [1], "decode_tokens": 4, "repeats": 3},
+}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _int_at_least(low: int):
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if number < low:
+            raise argparse.ArgumentTypeError(f"{number} is below {low}")
+        return number
+
+    return parse
+
+
+def _variant_list(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}, "
+                                         "comma-separated (e.g. fp16,int4)")
+    return list(dict.fromkeys(names))
+
+
+def _sparsity(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 <= rate < 1.0:
+        raise argparse.ArgumentTypeError(f"{rate} is outside [0, 1); e.g. 0.1 removes 10 % of each MLP's channels")
+    return rate
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m asaf_fx.bench", description=__doc__.strip().splitlines()[2])
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="model shapes (default: llama2-7b on CUDA, smollm2-135m on the CPU)")
+    parser.add_argument("--layers", type=_int_at_least(1),
+                        help="run only the first N decoder layers (default: all on CUDA, 4 on the CPU); the output states N")
+    parser.add_argument("--seq", type=_int_at_least(1), nargs="+",
+                        help="prefill lengths in tokens (default: 512 2048 4096 on CUDA, 512 on the CPU)")
+    parser.add_argument("--batch", type=_int_at_least(1), nargs="+", help="prefill batch sizes (default: 1 4 16 on CUDA, 1 on the CPU)")
+    parser.add_argument("--decode-tokens", type=_int_at_least(0),
+                        help="timed greedy decode steps, batch 1 (default: 64 on CUDA, 8 on the CPU; 0 = no decode)")
+    parser.add_argument("--cache-len", type=_int_at_least(1),
+                        help="static KV-cache positions for decode (default: longest --seq + warm-up + decode tokens)")
+    parser.add_argument("--variants", type=_variant_list, default=list(VARIANTS), help="comma-separated subset of fp16,int4,asaf")
+    sparsity = parser.add_mutually_exclusive_group()
+    sparsity.add_argument("--plan", type=Path, help="plan JSON from python -m asaf_fx.plan for the asaf variant")
+    sparsity.add_argument("--sparsity", type=_sparsity, default=0.1, help="uniform plan for the asaf variant (default 0.1)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: float16 on CUDA, float32 on the CPU)")
+    parser.add_argument("--backend", default="auto",
+                        help="torch.compile backend of the compiled variants: auto (inductor on CUDA, eager on the CPU), eager, or a name")
+    parser.add_argument("--warmup", type=_int_at_least(0), default=1, help="untimed calls before each measurement (default 1)")
+    parser.add_argument("--repeats", type=_int_at_least(1), help="timed prefill calls; the median is reported (default: 5 on CUDA, 3 on the CPU)")
+    parser.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of weights, tokens and rotations (default 0)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here (atomically)")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                               "cpu" if args.device == "auto" else args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available; use --device cpu (the reference path)")
+    args.layers_given = args.layers is not None
+    for key, value in DEFAULTS[args.device.type].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    shape = PRESETS[args.preset]
+    if args.layers_given and args.layers > shape.layers:
+        parser.error(f"--layers {args.layers}: {args.preset} has only {shape.layers} decoder layers")
+    args.layers = min(args.layers or shape.layers, shape.layers)  # a device default never exceeds the preset
+    if args.dtype is None:
+        args.dtype = "float16" if args.device.type == "cuda" else "float32"
+    args.cache_len = args.cache_len or max(args.seq) + args.warmup + args.decode_tokens
+    if args.decode_tokens and args.cache_len < args.warmup + args.decode_tokens:
+        parser.error(f"--cache-len {args.cache_len} holds fewer positions than --warmup + --decode-tokens "
+                     f"({args.warmup + args.decode_tokens}); raise --cache-len")
+    return args
+
+
+def load_plan(args: argparse.Namespace):
+    """The asaf variant's plan, checked against the number of layers that will run."""
+    from asaf_fx.sparsity_plan import Plan, uniform_plan
+
+    if args.plan is None:
+        return uniform_plan(args.layers, args.sparsity)
+    text = args.plan.read_text(encoding="utf-8")  # OSError (missing file) is reported by main
+    plan = Plan.from_json(text)
+    if plan.num_layers != args.layers:
+        full = PRESETS[args.preset].layers
+        fix = f"pass --layers {plan.num_layers} or " if plan.num_layers <= full else ""
+        raise ValueError(f"--plan {args.plan} covers {plan.num_layers} decoder layers but the benchmark runs "
+                         f"{args.layers} of {args.preset}'s {full}; {fix}pass a plan solved for {args.layers} layers")
+    return plan
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    """Device, kernels and versions: what a reader needs to judge the figures."""
+    import transformers
+
+    import asaf_fx
+    from asaf_fx.ops import kernel_backend
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    kernels = kernel_backend(torch.empty(0, device=args.device))
+    return {"device": args.device.type, "device_name": device_name(args.device), "kernels": kernels,
+            "label": CPU_LABEL if args.device.type == "cpu" else f"GPU, {kernels} kernels",
+            "versions": {"asaf_fx": asaf_fx.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__, "triton": triton_version,
+                         "python": platform.python_version()},
+            "command": shlex.join(["python", "-m", "asaf_fx.bench", *args.argv])}
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def build_variant(name: str, args: argparse.Namespace, plan) -> tuple[Any, Any, dict[str, Any]]:
+    """(forward, decode step or None, facts) of one variant; facts hold compile time, FLOPs and bytes."""
+    import asaf_fx
+    from asaf_fx.inspection import model_totals
+
+    shape: Shape = PRESETS[args.preset]
+    positions = max(max(args.seq), args.cache_len)
+    model = random_llama(shape, args.layers, dtype=DTYPES[args.dtype], device=args.device, seed=args.seed,
+                         positions=positions)
+    if name == "fp16":
+        step = hf_decode_step(model, args.cache_len) if args.decode_tokens else None
+        return (lambda ids: model(ids, use_cache=False).logits), step, {"compile_s": None, **linear_totals(model)}
+    # RTN without its clip search: values (hence the search) do not change speed, and the search
+    # dominated the CPU compile time (40 passes over every weight).
+    quant = asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn", w_clip_search=False, seed=args.seed)
+    calibration = None
+    if name == "asaf":  # channel selection reads activations; random tokens suffice for speed
+        calibration = torch.randint(0, shape.vocab, (CALIBRATION_SAMPLES, min(CALIBRATION_LEN, positions)),
+                                    generator=torch.Generator().manual_seed(args.seed + 1)).to(args.device)
+    start = time.perf_counter()
+    compiled = asaf_fx.compile(model, plan if name == "asaf" else None, quant=quant, calibration=calibration,
+                               decode=args.decode_tokens > 0, max_cache_len=args.cache_len,
+                               backend=None if args.backend == "eager" else args.backend)
+    compile_s = time.perf_counter() - start
+    del model, calibration  # the compiled graphs hold their own tensors
+    _free(args.device)
+    facts = {"compile_s": compile_s, **model_totals(compiled), "quant": quant.to_dict()}
+    if name == "asaf":
+        facts["plan"] = {"layer_sparsity": list(plan.layer_sparsity), "method": plan.method}
+    step = compiled.decode_step if args.decode_tokens else None
+    return (lambda ids: compiled(ids).logits), step, facts
+
+
+def run_variant(name: str, args: argparse.Namespace, plan, memory: PeakMemory, console: Console) -> dict[str, Any]:
+    console.print(f"[dim]{name}: building the model{'' if name == 'fp16' else ' and compiling it'}…[/dim]")
+    forward, step, facts = build_variant(name, args, plan)
+    console.print(f"[dim]{name}: measuring…[/dim]")
+    vocab = PRESETS[args.preset].vocab
+    prefill = [measure_prefill(forward, batch=batch, seq=seq, vocab=vocab, device=args.device, warmup=args.warmup,
+                               repeats=args.repeats, memory=memory, seed=args.seed + 2)
+               for seq in args.seq for batch in args.batch]
+    decode = None
+    if step is not None:
+        decode = measure_decode(step, tokens=args.decode_tokens, warmup=args.warmup, device=args.device, memory=memory)
+    del forward, step
+    _free(args.device)
+    precision = args.dtype if name == "fp16" else f"W4A4KV4, {args.dtype} elsewhere"
+    return {"precision": precision, **facts, "prefill": prefill, "decode": decode}
+
+
+def notes(args: argparse.Namespace, memory: PeakMemory) -> list[str]:
+    """What each figure is, printed under the table and stored in the JSON."""
+    shape = PRESETS[args.preset]
+    how = "--layers" if args.layers_given else "the CPU default; --layers N changes it"
+    depth = (f"{args.layers} of {shape.layers} decoder layers ({how}): figures are for this depth, not "
+             "extrapolated to the full model") if args.layers < shape.layers else f"all {shape.layers} decoder layers"
+    engine = "inductor" if args.backend == "auto" and args.device.type == "cuda" else (
+        "eager" if args.backend in ("auto", "eager") else args.backend)
+    return [
+        f"model: random weights (seed {args.seed}) with {args.preset} shapes, {depth}; weight values do not change speed",
+        f"fp16: the transformers model as it is ({args.dtype}{', the CPU has no fast fp16' if args.device.type == 'cpu' else ''}), "
+        "eager; decode through its StaticCache",
+        f"int4/asaf: asaf_fx.compile graphs ({engine}), W4A4KV4, weights by RTN without clip search "
+        "(GPTQ and the search change values, not speed)"
+        f"; asaf adds {'plan ' + str(args.plan) if args.plan else f'a uniform {args.sparsity:g} plan'}, channels chosen "
+        f"on {CALIBRATION_SAMPLES} random sequences",
+        f"prefill: one forward of batch × seq tokens, no KV cache, logits for every position; median of {args.repeats} "
+        f"after {args.warmup} warm-up (JIT compilation falls in the warm-up)",
+        f"decode: batch 1, greedy, {args.decode_tokens} tokens after {args.warmup} warm-up steps, in a static cache of "
+        f"{args.cache_len} positions (each step attends over all of them)",
+        f"peak memory: {memory.kind}",
+        "weight bytes and GFLOPs/token: decoder-layer linears only (embedding and lm_head excluded)",
+    ]
+
+
+def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    """Every variant in turn (one model in memory at a time); progress lines go to ``console``."""
+    plan = load_plan(args) if "asaf" in args.variants else None  # fail before any model is built
+    report: dict[str, Any] = {"schema": SCHEMA, **environment(args), "preset": args.preset,
+                              "shape": PRESETS[args.preset].to_dict(), "layers_run": args.layers,
+                              "settings": {"seq": args.seq, "batch": args.batch, "decode_tokens": args.decode_tokens,
+                                           "cache_len": args.cache_len, "warmup": args.warmup, "repeats": args.repeats,
+                                           "dtype": args.dtype, "seed": args.seed, "backend": args.backend}}
+    memory = PeakMemory(args.device)
+    report["variants"] = {name: run_variant(name, args, plan, memory, console) for name in args.variants}
+    report["notes"] = notes(args, memory)
+    return report
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:,.1f}"
+
+
+def _prefill_table(report: dict[str, Any]) -> Table:
+    grid = Table(title=f"prefill: {report['preset']}, {report['layers_run']} of {report['shape']['layers']} layers")
+    for column in ("variant", "seq", "batch", "latency ms", "tokens/s", "peak MiB"):
+        grid.add_column(column, justify="left" if column == "variant" else "right")
+    for name, result in report["variants"].items():
+        for i, cell in enumerate(result["prefill"]):
+            figures = ([cell["error"], "", ""] if "error" in cell else
+                       [f"{cell['latency_ms']:,.1f}", f"{cell['tokens_per_s']:,.0f}", _mib(cell["peak_memory_bytes"])])
+            grid.add_row(name if i == 0 else "", str(cell["seq"]), str(cell["batch"]), *figures)
+    return grid
+
+
+def _variant_table(report: dict[str, Any]) -> Table:
+    grid = Table(title="per variant: decode (batch 1), weights, compile")
+    for column in ("variant", "precision", "decode tok/s", "decode peak MiB", "weight MiB", "GFLOP/tok", "compile s"):
+        grid.add_column(column, justify="left" if column in ("variant", "precision") else "right")
+    for name, result in report["variants"].items():
+        decode = result["decode"] or {}
+        speed = decode.get("error", f"{decode['tokens_per_s']:,.2f}") if decode else "-"
+        grid.add_row(name, result["precision"].split(",")[0], speed, _mib(decode.get("peak_memory_bytes")),
+                     _mib(result["weight_bytes"]), f"{result['flops'] / 1e9:.4g}",
+                     "-" if result["compile_s"] is None else f"{result['compile_s']:.1f}")
+    return grid
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    """A header naming device, kernels and versions; the prefill table; the per-variant table; the notes."""
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
+    console.print(Text(report["label"], style="bold red" if report["device"] == "cpu" else "bold"))
+    console.print(f"device: {report['device']} ({report['device_name']}) · INT4 kernels: {report['kernels']} · {versions}")
+    console.print(f"command: {report['command']}")
+    console.print(_prefill_table(report))
+    console.print(_variant_table(report))
+    for line in report["notes"]:
+        console.print(f"• {line}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    errors = Console(stderr=True, soft_wrap=True)
+    try:
+        report = run(args, errors)
+    except (OSError, ValueError) as exc:
+        errors.print(Text.assemble(("error: ", "bold red"), str(exc)))
+        return 2
+    text = json.dumps(report, indent=2)
+    if args.out is not None:
+        write_text_atomic(args.out, text + "\n")
+    render(report, errors)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
-from asaf_fx.compile import _lowerings, _run, calibration_batches, online_passes, residual_passes, weight_spec
+from asaf_fx.compile import _lowerings, calibration_batches, rewrite, weight_spec
 from asaf_fx.config import QuantConfig
 from asaf_fx.passes.capture import capture_forward, check_model
 from asaf_fx.passes.channel_selection import channels_to_keep, channels_to_remove, mlp_channel_flops
@@ -34,10 +34,9 @@ from asaf_fx.passes.gptq import quantize_gptq
 from asaf_fx.passes.graph_utils import attr_tensor, get_tensor, is_op, linear_bias
 from asaf_fx.passes.layerwise import LayerwiseRunner
 from asaf_fx.passes.linear_stats import LinearStats
-from asaf_fx.passes.lower_linears import LinearLowering, LowerLinears
+from asaf_fx.passes.lower_linears import LinearLowering
 from asaf_fx.passes.patterns import SwiGLU, find_swiglus
 from asaf_fx.passes.prune_mlp import channel_importances, layer_linear_flops
-from asaf_fx.passes.quantize_kv import QuantizeKV
 from asaf_fx.passes.rotations import online_rotation
 from asaf_fx.passes.rtn import quantize_rtn
 from asaf_fx.passes.split_layers import split_decoder_layers
@@ -144,10 +143,6 @@ class CalibrationModel:
                                               clip_search=spec.clip_search).dequantize(dtype)
         return tensors
 
-    def assignment_variants(self, layer: int, assignment: dict[int, int]) -> dict[str, torch.Tensor] | None:
-        """The tensors layer ``layer`` reads under ``assignment`` (layer → level); None: its own."""
-        return self.variant(layer, assignment[layer]) if layer in assignment else None
-
 
 def build_calibration_model(model: torch.nn.Module, quant: QuantConfig, calibration, sparsities: Sequence[float],
                             granularity: int = 32, cache_size: int = 64) -> CalibrationModel:
@@ -165,29 +160,28 @@ def build_calibration_model(model: torch.nn.Module, quant: QuantConfig, calibrat
         forward = capture_forward(model)
     finally:
         model.train(was_training)
-    _run(residual_passes(quant), forward, model)
-    layer_flops = layer_linear_flops(forward)
-    runner = LayerwiseRunner(split_decoder_layers(forward))
-    importances = channel_importances(runner, [runner.start(batch, False) for batch in batches])
-    del runner
-    mlps = find_swiglus(forward)
-    dense = {mlp.down.args[1].target: get_tensor(forward, mlp.down.args[1]).detach().clone() for mlp in mlps}
-    _run(online_passes(quant) + ([QuantizeKV(quant.kv_bits)] if quant.kv_bits < 16 else []), forward, model)
-    sites = _mlp_sites(forward, mlps)
+    found: dict = {}
     down_inputs: dict[str, LinearStats] = {}
 
-    def keep_down_inputs(target: str, stats: LinearStats) -> None:
-        if target in dense:
-            down_inputs[target] = stats
+    def record_instead_of_pruning(gm: GraphModule) -> None:
+        runner = LayerwiseRunner(split_decoder_layers(gm))
+        found["importances"] = channel_importances(runner, [runner.start(batch, False) for batch in batches])
+        found["flops"] = layer_linear_flops(gm)
+        found["mlps"] = find_swiglus(gm)
+        found["dense"] = [get_tensor(gm, mlp.down.args[1]).detach().clone() for mlp in found["mlps"]]
+        return None
 
-    lowerings = _lowerings(forward, quant, batches, keep_down_inputs) if quant.quantizes else None
+    def simulated_lowerings(gm: GraphModule) -> list[LinearLowering]:
+        found["sites"] = _mlp_sites(gm, found["mlps"])  # before lowering fuses the Hadamard away
+        downs = {mlp.down.args[1].target for mlp in found["mlps"]}
+        lowerings = _lowerings(gm, quant, batches, lambda t, stats: down_inputs.update({t: stats}) if t in downs else None)
+        return [LinearLowering(low.weight, None, low.a_bits, low.a_clip) for low in lowerings]
+
+    rewrite([forward], model, quant, record_instead_of_pruning, simulated_lowerings)
+    sites = found["sites"] if "sites" in found else _mlp_sites(forward, found["mlps"])
     grams = [_unrotated_gram(down_inputs.get(site.down), site, quant.seed) for site in sites]
-    if lowerings is not None:
-        simulated = [LinearLowering(low.weight, None, low.a_bits, low.a_clip) for low in lowerings]
-        _run([LowerLinears(simulated)], forward, model)
-    runner = LayerwiseRunner(split_decoder_layers(forward))
-    return CalibrationModel(runner, quant, sites, importances, [dense[site.down] for site in sites], grams,
-                            layer_flops, sparsities, granularity, cache_size)
+    return CalibrationModel(LayerwiseRunner(split_decoder_layers(forward)), quant, sites, found["importances"],
+                            found["dense"], grams, found["flops"], sparsities, granularity, cache_size)
 
 
 def _unrotated_gram(stats: LinearStats | None, site: MlpSite, seed: int) -> torch.Tensor | None:

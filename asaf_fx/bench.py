@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from asaf_fx._cli import int_at_least
 from asaf_fx._atomic import write_text_atomic
 from asaf_fx.speed import (PRESETS, PeakMemory, Shape, device_name, hf_decode_step, linear_totals, measure_decode,
                            measure_prefill, random_llama)
@@ -44,19 +45,6 @@ DEFAULTS = {
     "cpu": {"preset": "smollm2-135m", "layers": 4, "seq": [512], "batch": [1], "decode_tokens": 4, "repeats": 3},
 }
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _int_at_least(low: int):
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-        if number < low:
-            raise argparse.ArgumentTypeError(f"{number} is below {low}")
-        return number
-
-    return parse
 
 
 def _variant_list(value: str) -> list[str]:
@@ -82,14 +70,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m asaf_fx.bench", description=__doc__.strip().splitlines()[2])
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="model shapes (default: llama2-7b on CUDA, smollm2-135m on the CPU)")
-    parser.add_argument("--layers", type=_int_at_least(1),
+    parser.add_argument("--layers", type=int_at_least(1),
                         help="run only the first N decoder layers (default: all on CUDA, 4 on the CPU); the output states N")
-    parser.add_argument("--seq", type=_int_at_least(1), nargs="+",
+    parser.add_argument("--seq", type=int_at_least(1), nargs="+",
                         help="prefill lengths in tokens (default: 512 2048 4096 on CUDA, 512 on the CPU)")
-    parser.add_argument("--batch", type=_int_at_least(1), nargs="+", help="prefill batch sizes (default: 1 4 16 on CUDA, 1 on the CPU)")
-    parser.add_argument("--decode-tokens", type=_int_at_least(0),
+    parser.add_argument("--batch", type=int_at_least(1), nargs="+", help="prefill batch sizes (default: 1 4 16 on CUDA, 1 on the CPU)")
+    parser.add_argument("--decode-tokens", type=int_at_least(0),
                         help="timed greedy decode steps, batch 1 (default: 64 on CUDA, 8 on the CPU; 0 = no decode)")
-    parser.add_argument("--cache-len", type=_int_at_least(1),
+    parser.add_argument("--cache-len", type=int_at_least(1),
                         help="static KV-cache positions for decode (default: longest --seq + warm-up + decode tokens)")
     parser.add_argument("--variants", type=_variant_list, default=list(VARIANTS), help="comma-separated subset of fp16,int4,asaf")
     sparsity = parser.add_mutually_exclusive_group()
@@ -99,9 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: float16 on CUDA, float32 on the CPU)")
     parser.add_argument("--backend", default="auto",
                         help="torch.compile backend of the compiled variants: auto (inductor on CUDA, eager on the CPU), eager, or a name")
-    parser.add_argument("--warmup", type=_int_at_least(0), default=1, help="untimed calls before each measurement (default 1)")
-    parser.add_argument("--repeats", type=_int_at_least(1), help="timed prefill calls; the median is reported (default: 5 on CUDA, 3 on the CPU)")
-    parser.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of weights, tokens and rotations (default 0)")
+    parser.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls before each measurement (default 1)")
+    parser.add_argument("--repeats", type=int_at_least(1), help="timed prefill calls; the median is reported (default: 5 on CUDA, 3 on the CPU)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of weights, tokens and rotations (default 0)")
     parser.add_argument("--out", type=Path, help="also write the JSON here (atomically)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

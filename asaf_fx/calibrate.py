@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import sys
@@ -23,6 +22,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from asaf_fx._cli import int_at_least
 from asaf_fx.calibration.entries import MODES, planned_entries
 from asaf_fx.calibration.estimate import complete_table
 from asaf_fx.calibration.measure import METRICS, DegradationMeter
@@ -50,27 +50,17 @@ def _sparsities(value: str) -> tuple[float, ...]:
     return levels
 
 
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{number} must be at least 1")
-    return number
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m asaf_fx.calibrate", description=__doc__.strip().splitlines()[2])
     parser.add_argument("--model", required=True, help="'smollm2', a transformers model directory or a .gguf file")
     parser.add_argument("--text", type=Path, help="calibration text; default: the WikiText-2 validation split")
     parser.add_argument("--mode", choices=MODES, default="per-layer",
                         help="per-layer: p×S measured, groups estimated; groups: every group up to --max-length; full")
-    parser.add_argument("--max-length", type=_positive, help="longest measured group in --mode groups")
+    parser.add_argument("--max-length", type=int_at_least(1), help="longest measured group in --mode groups")
     parser.add_argument("--sparsities", type=_sparsities, default=DEFAULT_SPARSITIES,
                         help="comma-separated levels in (0, 1), increasing (default 0.01,...,0.15)")
-    parser.add_argument("--windows", type=_positive, default=8, help="calibration windows (default 8)")
-    parser.add_argument("--seq-len", type=_positive, default=256, help="tokens per window (default 256)")
+    parser.add_argument("--windows", type=int_at_least(1), default=8, help="calibration windows (default 8)")
+    parser.add_argument("--seq-len", type=int_at_least(1), default=256, help="tokens per window (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="window choice and rotations (default 0)")
     parser.add_argument("--metric", choices=METRICS, default="ppl",
                         help="ppl: relative perplexity rise (default); kl: mean KL to the unpruned model")
@@ -81,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
     parser.add_argument("--a-clip", type=float, default=0.9, help="activation clip ratio (default 0.9)")
     parser.add_argument("--no-rotate", action="store_true", help="calibrate the unrotated model")
-    parser.add_argument("--granularity", type=_positive, default=32, help="channels removed per block (default 32)")
+    parser.add_argument("--granularity", type=int_at_least(1), default=32, help="channels removed per block (default 32)")
     parser.add_argument("--validate", type=int, default=0, metavar="N",
                         help="also measure N random plans and compare with the table's prediction")
     parser.add_argument("--out", type=Path, required=True, help="table file to write (.safetensors)")

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from asaf_fx._cli import int_at_least
 from asaf_fx._atomic import write_text_atomic
 from asaf_fx.checkpoint import load_saved
 from asaf_fx.data import wikitext2_test_path
@@ -23,19 +24,6 @@ from asaf_fx.evaluate import read_text, run_lm_eval, seed_everything, text_perpl
 from asaf_fx.models import load_model
 
 SCHEMA = "asaf_fx.eval/1"
-
-
-def _int_at_least(low: int):
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-        if number < low:
-            raise argparse.ArgumentTypeError(f"{number} is below {low}")
-        return number
-
-    return parse
 
 
 def _task_list(value: str) -> list[str]:
@@ -54,13 +42,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="evaluate asaf_fx.compile(model): QuaRot rotations only, 16-bit")
     parser.add_argument("--text", type=Path,
                         help="text file for perplexity; default: the WikiText-2 test file, unless --tasks is given")
-    parser.add_argument("--seq-len", type=_int_at_least(2), default=2048, help="tokens per window (default 2048)")
-    parser.add_argument("--windows", type=_int_at_least(0), default=8,
+    parser.add_argument("--seq-len", type=int_at_least(2), default=2048, help="tokens per window (default 2048)")
+    parser.add_argument("--windows", type=int_at_least(0), default=8,
                         help="windows from the start of the text (default 8; 0 = every whole window)")
     parser.add_argument("--tasks", type=_task_list, help="comma-separated lm-eval task names")
     parser.add_argument("--include-path", type=Path, help="folder of lm-eval task YAML files (local tasks)")
-    parser.add_argument("--limit", type=_int_at_least(1), help="at most N documents per lm-eval task")
-    parser.add_argument("--seed", type=_int_at_least(0), default=0, help="seed for rotations and lm-eval (default 0)")
+    parser.add_argument("--limit", type=int_at_least(1), help="at most N documents per lm-eval task")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed for rotations and lm-eval (default 0)")
     parser.add_argument("--out", type=Path, help="also write the JSON here (atomically)")
     args = parser.parse_args(argv)
     if (args.model_dir is None) == (args.model is None):

@@ -144,6 +144,9 @@ def run(args: argparse.Namespace, console: Console) -> Result:
     seed_everything(args.seed)
     text = _existing(args.text, wikitext2_valid_path(), "calibration text")
     eval_text = _existing(args.eval_text, wikitext2_test_path(), "evaluation text")
+    if text.resolve() == eval_text.resolve():
+        raise ValueError(f"{text} is both the calibration and the evaluation text; the measured degradation "
+                         "would be optimistic: evaluate on held-out text (--eval-text)")
     model, tokenizer = load_model(args.model)
     try:
         eval_ids = token_windows(tokenizer, read_text(eval_text), args.seq_len, args.eval_windows)

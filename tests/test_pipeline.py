@@ -126,6 +126,7 @@ def test_bad_inputs_name_the_problem(generous, inputs, tmp_path, capsys):
         (argv({**inputs, "text": tmp_path / "missing.txt"}, tmp_path / "b"), "does not exist"),
         (argv({**inputs, "eval": tmp_path / "missing.txt"}, tmp_path / "c"), "does not exist"),
         (argv(inputs, tmp_path / "d", "--eval-windows", "400"), "fewer --eval-windows"),
+        (argv({**inputs, "eval": inputs["text"]}, tmp_path / "e"), "both the calibration and the evaluation"),
         (argv(inputs, clash, "--seed", "1"), "other settings"),
     ]
     for args, message in cases:

@@ -50,6 +50,16 @@ def _sparsities(value: str) -> tuple[float, ...]:
     return levels
 
 
+def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
+    """--w-bits, --a-bits, --kv-bits, --w-method, --group-size, --a-clip (W4A4KV4 GPTQ by default)."""
+    parser.add_argument("--w-bits", type=int, default=4)
+    parser.add_argument("--a-bits", type=int, default=4)
+    parser.add_argument("--kv-bits", type=int, default=4)
+    parser.add_argument("--w-method", choices=("gptq", "rtn"), default="gptq")
+    parser.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
+    parser.add_argument("--a-clip", type=float, default=0.9, help="activation clip ratio (default 0.9)")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m asaf_fx.calibrate", description=__doc__.strip().splitlines()[2])
     parser.add_argument("--model", required=True, help="'smollm2', a transformers model directory or a .gguf file")
@@ -64,12 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="window choice and rotations (default 0)")
     parser.add_argument("--metric", choices=METRICS, default="ppl",
                         help="ppl: relative perplexity rise (default); kl: mean KL to the unpruned model")
-    parser.add_argument("--w-bits", type=int, default=4)
-    parser.add_argument("--a-bits", type=int, default=4)
-    parser.add_argument("--kv-bits", type=int, default=4)
-    parser.add_argument("--w-method", choices=("gptq", "rtn"), default="gptq")
-    parser.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
-    parser.add_argument("--a-clip", type=float, default=0.9, help="activation clip ratio (default 0.9)")
+    add_quant_arguments(parser)
     parser.add_argument("--no-rotate", action="store_true", help="calibrate the unrotated model")
     parser.add_argument("--granularity", type=int_at_least(1), default=32, help="channels removed per block (default 32)")
     parser.add_argument("--validate", type=int, default=0, metavar="N",
@@ -226,13 +231,18 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def run(args: argparse.Namespace, console: Console) -> SensitivityTable:
+def run(args: argparse.Namespace, console: Console, loaded: tuple[Any, Any] | None = None) -> SensitivityTable:
+    """Measure (or resume) the table ``args`` describes and save it to ``args.out``.
+
+    ``loaded``: the (model, tokenizer) that ``load_model(args.model)`` returns, when the caller
+    already holds them (``python -m asaf_fx run``); the model is not modified.
+    """
     from asaf_fx.models import load_model
 
     rank, world = _distributed()
     text = _text(args)
     started = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model) if loaded is None else loaded
     torch.manual_seed(args.seed)
     windows = calibration_windows(tokenizer, text, args.windows, args.seq_len, seed=args.seed)
     batches = calibration_batches(windows, getattr(model.config, "max_position_embeddings", None))
@@ -271,6 +281,7 @@ def run(args: argparse.Namespace, console: Console) -> SensitivityTable:
         "layer_forwards": meter.layer_forwards * world, "batches": len(batches),
         "time_s": {"build": round(built, 1), "measure": round(measured_s, 1)},
         "removed_channels": cal.removed,
+        "fingerprint": fp,
     }
     table = SensitivityTable(np.array(cal.layer_flops, dtype=np.float64), np.array(args.sparsities), degradation,
                              flops=group_flops(cal), meta=meta, measured=measured_mask)

@@ -1,0 +1,27 @@
+"""python -m asaf_fx COMMAND ...: one entry point for the command-line tools.
+
+``run`` is the end-to-end pipeline (asaf_fx.pipeline); the others are the single steps, the same as
+``python -m asaf_fx.<module>``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {"run": "asaf_fx.pipeline", "calibrate": "asaf_fx.calibrate", "plan": "asaf_fx.plan",
+            "eval": "asaf_fx.eval", "bench": "asaf_fx.bench"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        given = f"unknown command {argv[0]!r}; " if argv and argv[0] not in ("-h", "--help") else ""
+        sys.stderr.write(f"usage: python -m asaf_fx {{{','.join(COMMANDS)}}} ...\n{given}"
+                         "'run' = calibrate → solve → compile → measure; COMMAND --help for its options\n")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""python -m asaf_fx run on a tiny saved model: the files it writes, the re-solve loop, bad input."""
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+import asaf_fx
+from asaf_fx import __main__ as entry
+from asaf_fx import pipeline
+
+WORDS = ("the model reads a long text about rivers , hills and old towns ; each line adds a few more "
+         "words so that the byte level windows have something to predict .").split()
+
+
+def _text(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS, 12)) for _ in range(60)) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(h, tmp_path_factory) -> dict[str, Path]:
+    """A 4-layer tiny Llama with a byte tokenizer, a calibration text and an evaluation text."""
+    folder = tmp_path_factory.mktemp("tiny4")
+    h.make_tiny("llama", seed=5, num_hidden_layers=4).save_pretrained(folder / "model")
+    h.byte_tokenizer().save_pretrained(folder / "model")
+    return {"model": folder / "model", "text": _text(folder / "calib.txt", 0), "eval": _text(folder / "eval.txt", 1)}
+
+
+def argv(inputs, out, *extra) -> list[str]:
+    return ["--model", str(inputs["model"]), "--out", str(out), "--text", str(inputs["text"]),
+            "--eval-text", str(inputs["eval"]), "--eval-windows", "2", "--seq-len", "64", "--windows", "4",
+            "--cal-seq-len", "32", "--sparsities", "0.1,0.2", "--w-method", "rtn", *extra]
+
+
+def run(args: list[str]) -> tuple[pipeline.Result, str]:
+    out = io.StringIO()
+    result = pipeline.run(pipeline.parse_args(args), Console(file=out, width=200))
+    return result, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def generous(inputs, tmp_path_factory):
+    """A budget far above what pruning every layer at the top level costs: one round, a non-empty plan."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    result, printed = run(argv(inputs, out, "--max-degradation", "10"))
+    return out, result, printed
+
+
+def test_summary_is_complete_and_consistent(generous):
+    out, result, printed = generous
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(result.summary))
+    assert summary["budget"] == 10 and summary["budget_met"] and len(summary["rounds"]) == 1
+    assert summary["eval_windows"] == 2 and summary["seq_len"] == 64
+    assert "evaluating on 2 windows × 64 tokens" in printed and "ASAF plan" in printed
+    assert summary["measured_degradation"] == summary["ppl_asaf"] / summary["ppl_base"] - 1
+    assert summary["measured_degradation"] == summary["rounds"][0]["measured_degradation"]
+    assert summary["predicted_degradation"] == result.plan.predicted_degradation
+    assert 0 < summary["flops_ratio"] < 1
+    assert summary["flops_ratio"] == pytest.approx(summary["plan_flops_ratio"], abs=1e-9)
+    # the uniform baseline removes the same FLOPs, to one 32-channel block per layer
+    block = 32 * 6 * 96 / result.table.layer_flops[0]  # one 32-channel block of a layer's FLOPs
+    assert abs(summary["uniform_flops_ratio"] - summary["flops_ratio"]) <= block / 2 + 1e-9
+    assert summary["fp16_bytes"] > summary["base_bytes"] > summary["asaf_bytes"] > 0
+    assert all(np.isfinite(summary[k]) and summary[k] > 1 for k in ("ppl_fp", "ppl_base", "ppl_asaf", "ppl_uniform"))
+
+
+def test_files_load_back(generous, inputs):
+    out, result, _ = generous
+    plan = asaf_fx.Plan.from_json((out / "plan.json").read_text(), num_layers=4)
+    assert plan.groups == result.plan.groups and plan.groups
+    table = asaf_fx.SensitivityTable.load(out / "table.safetensors")
+    assert table.num_layers == 4 and table.meta["fingerprint"]["quant"]["w_method"] == "rtn"
+    loaded = asaf_fx.load(out / "model")
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, result.model(ids).logits)
+    assert (out / "model" / "tokenizer_config.json").is_file()
+
+
+def test_an_overshooting_plan_is_tightened_and_rounds_are_bounded(generous, inputs, tmp_path, monkeypatch):
+    """Every ASAF model measures 50% worse than it is: each round overshoots; δ shrinks as documented."""
+    first, _, _ = generous
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(first / "table.safetensors", out / "table.safetensors")  # settings match: reused
+    real_solve, real_ppl, asked = pipeline.solve, pipeline._ppl, []
+
+    def solve(table, delta, **kwargs):
+        asked.append(delta)
+        return real_solve(table, delta, **kwargs)
+
+    def ppl(model, windows):
+        plan = getattr(model, "plan", None)
+        return real_ppl(model, windows) * (1.5 if plan is not None and plan.method != "uniform" else 1.0)
+
+    monkeypatch.setattr(pipeline, "solve", solve)
+    monkeypatch.setattr(pipeline, "_ppl", ppl)
+    result, printed = run(argv(inputs, out, "--max-degradation", "0.01", "--rounds", "2"))
+    summary, rounds = result.summary, result.summary["rounds"]
+    assert "reusing the finished table" in printed
+    assert len(rounds) == len(asked) == 2 and asked[0] == 0.01  # bounded by --rounds
+    assert rounds[0]["measured_degradation"] > 0.01
+    assert asked[1] == pytest.approx(0.01 * 0.01 / rounds[0]["measured_degradation"] * 0.9)
+    assert rounds[1]["max_degradation"] == asked[1]  # solved, infeasible, or round 1's plan again
+    assert not summary["budget_met"] and "BUDGET NOT MET" in printed
+    measured = [r["measured_degradation"] for r in rounds if "measured_degradation" in r]
+    assert summary["measured_degradation"] == min(measured)  # the best round is the one saved
+    assert json.loads((out / "summary.json").read_text())["budget_met"] is False
+
+
+def test_bad_inputs_name_the_problem(generous, inputs, tmp_path, capsys):
+    first, _, _ = generous
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    shutil.copy(first / "table.safetensors", clash / "table.safetensors")
+    cases = [
+        (argv({**inputs, "model": "no-such-model"}, tmp_path / "a"), "neither a known model"),
+        (argv({**inputs, "text": tmp_path / "missing.txt"}, tmp_path / "b"), "does not exist"),
+        (argv({**inputs, "eval": tmp_path / "missing.txt"}, tmp_path / "c"), "does not exist"),
+        (argv(inputs, tmp_path / "d", "--eval-windows", "400"), "fewer --eval-windows"),
+        (argv({**inputs, "eval": inputs["text"]}, tmp_path / "e"), "both the calibration and the evaluation"),
+        (argv(inputs, clash, "--seed", "1"), "other settings"),
+    ]
+    for args, message in cases:
+        assert entry.main(["run", *args]) == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-degradation", "0"], "positive"),
+    (["--mode", "groups"], "--max-length"),
+    (["--w-bits", "3"], "bits"),
+])
+def test_bad_arguments_are_refused_by_the_parser(inputs, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        entry.main(["run", *argv(inputs, tmp_path / "o", *args)])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_entry_point_lists_commands(capsys):
+    assert entry.main(["nope"]) == 2 and "unknown command 'nope'" in capsys.readouterr().err
+    assert entry.main([]) == 2 and "run" in capsys.readouterr().err

@@ -209,8 +209,8 @@ def plot(table: SensitivityTable, validation: dict[str, Any] | None, path: Path)
     if validation:
         ax = axes[0, 1]
         ax.scatter(validation["measured"], validation["predicted"], s=12)
-        top = max(max(validation["measured"]), max(validation["predicted"]))
-        ax.plot([0, top], [0, top], color="grey", linewidth=1)
+        values = validation["measured"] + validation["predicted"]
+        ax.plot([min(values), max(values)], [min(values), max(values)], color="grey", linewidth=1)  # y = x
         ax.set_xlabel("measured ξ of the plan")
         ax.set_ylabel("predicted Σ ξ")
         ax.set_title(f"{validation['plans']} random plans, r = {validation['correlation']:.3f}")

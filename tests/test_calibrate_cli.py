@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import asaf_fx
 from asaf_fx import calibrate
@@ -116,3 +117,23 @@ def test_bad_inputs_name_the_problem(model_dir, text_file, tmp_path, capsys):
     for args, message in cases:
         assert calibrate.main(args) == 2
         assert message in capsys.readouterr().err
+
+
+def test_xi_is_measured_on_windows_the_model_was_not_fitted_on(model_dir, text_file, tmp_path, monkeypatch):
+    seen = {}
+    real_build, real_meter = calibrate.build_calibration_model, calibrate.DegradationMeter
+
+    def build(model, quant, calibration, *args, **kwargs):
+        seen["fit"] = calibration
+        return real_build(model, quant, calibration, *args, **kwargs)
+
+    def meter(cal, batches, metric):
+        seen["measured"] = torch.cat(batches)
+        return real_meter(cal, batches, metric)
+
+    monkeypatch.setattr(calibrate, "build_calibration_model", build)
+    monkeypatch.setattr(calibrate, "DegradationMeter", meter)
+    assert calibrate.main(argv(model_dir, text_file, tmp_path / "t.safetensors", "--sparsities", "0.1")) == 0
+    fit = {tuple(row.tolist()) for row in seen["fit"]}
+    measured = {tuple(row.tolist()) for row in seen["measured"]}
+    assert len(fit) == 4 and len(measured) == 4 and not fit & measured

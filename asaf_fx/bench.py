@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import shlex
 import sys
@@ -28,8 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from asaf_fx._cli import int_at_least
-from asaf_fx._atomic import write_text_atomic
+from asaf_fx._cli import emit_report, int_at_least
 from asaf_fx.speed import (PRESETS, PeakMemory, Shape, device_name, hf_decode_step, linear_totals, measure_decode,
                            measure_prefill, random_llama)
 
@@ -295,11 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         errors.print(Text.assemble(("error: ", "bold red"), str(exc)))
         return 2
-    text = json.dumps(report, indent=2)
-    if args.out is not None:
-        write_text_atomic(args.out, text + "\n")
-    render(report, errors)
-    sys.stdout.write(text + "\n")
+    emit_report(report, args.out, render, errors)
     return 0
 
 

@@ -9,7 +9,6 @@ after every measurement, and rerunning the same command continues where it stopp
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import sys
@@ -22,6 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from asaf_fx._atomic import sha256_file
 from asaf_fx._cli import int_at_least
 from asaf_fx.calibration.entries import MODES, planned_entries
 from asaf_fx.calibration.estimate import complete_table
@@ -115,14 +115,6 @@ def _text(args: argparse.Namespace) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fingerprint(args: argparse.Namespace, model, text: Path) -> dict[str, Any]:
     """Everything a measured value depends on; progress made under another fingerprint is refused.
     The mode is not in it: a per-layer run's values are valid entries of a groups run."""
@@ -133,7 +125,7 @@ def fingerprint(args: argparse.Namespace, model, text: Path) -> dict[str, Any]:
         "architecture": config.get("architectures"),
         "num_layers": config.get("num_hidden_layers"),
         "hidden_size": config.get("hidden_size"),
-        "text_sha256": _sha256(text),
+        "text_sha256": sha256_file(text),
         "windows": args.windows,
         "seq_len": args.seq_len,
         "seed": args.seed,

@@ -36,7 +36,7 @@ import torch
 from torch.fx import GraphModule
 
 import asaf_fx.ops  # noqa: F401  registers the kernel ops the graphs call
-from asaf_fx._atomic import atomic_path, write_text_atomic
+from asaf_fx._atomic import atomic_path, sha256_file, write_text_atomic
 from asaf_fx.compile import rewrite
 from asaf_fx.compiled import CompiledModel
 from asaf_fx.config import QuantConfig
@@ -141,14 +141,6 @@ def _collect(graphs: dict[str, GraphModule]) -> tuple[dict[str, torch.Tensor], d
 # --- hashing and JSON ---
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _canonical(body: dict[str, Any]) -> bytes:
     # Key order is kept, not sorted: QuantConfig.overrides is first-match-wins, so its order is meaning.
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
@@ -218,7 +210,7 @@ def save(model: CompiledModel, path: str | os.PathLike, *, tokenizer=None) -> Ch
     del tensors
     tensors_path = folder / TENSORS_FILE
     # The JSON goes last: until it lands, the directory holds no config that matches the tensors.
-    write_text_atomic(folder / CONFIG_FILE, json.dumps({**body, "tensors_sha256": _sha256_file(tensors_path)},
+    write_text_atomic(folder / CONFIG_FILE, json.dumps({**body, "tensors_sha256": sha256_file(tensors_path)},
                                                        indent=2) + "\n")
     info = CheckpointInfo(folder, tensors_path.stat().st_size, dict(sorted(by_kind.items())))
     log.info("saved %s: %d bytes of tensors (%s)", folder, info.tensors_bytes, info.bytes_by_kind)
@@ -251,7 +243,7 @@ def _check_hashes(folder: Path, config: dict[str, Any]) -> None:
     from safetensors import SafetensorError, safe_open
 
     tensors_path = folder / TENSORS_FILE
-    if config.get("tensors_sha256") != _sha256_file(tensors_path):
+    if config.get("tensors_sha256") != sha256_file(tensors_path):
         raise CheckpointError(f"asaf_fx.load: {tensors_path} does not match the sha256 recorded in {CONFIG_FILE}: "
                               "the tensors file was replaced, edited or truncated; save the model again")
     try:

@@ -6,7 +6,6 @@ Perplexity on a text file and lm-eval tasks for one model; prints the results as
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -16,8 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from asaf_fx._cli import int_at_least
-from asaf_fx._atomic import write_text_atomic
+from asaf_fx._cli import emit_report, int_at_least
 from asaf_fx.checkpoint import load_saved
 from asaf_fx.data import wikitext2_test_path
 from asaf_fx.evaluate import read_text, run_lm_eval, seed_everything, text_perplexity
@@ -136,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, NotImplementedError) as exc:
         errors.print(Text.assemble(("error: ", "bold red"), str(exc)))
         return 2
-    text = json.dumps(report, indent=2)
-    if args.out is not None:
-        write_text_atomic(args.out, text + "\n")
-    render(report, errors)
-    sys.stdout.write(text + "\n")
+    emit_report(report, args.out, render, errors)
     return 0
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import asaf_fx
+from asaf_fx._atomic import sha256_file
 from asaf_fx import checkpoint
 from asaf_fx.checkpoint import CONFIG_FILE, TENSORS_FILE, CheckpointError
 
@@ -119,7 +120,7 @@ def _rewrite_tensors(folder, change) -> None:
     change(tensors)
     save_file(tensors, str(folder / TENSORS_FILE), metadata=header)
     config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    config["tensors_sha256"] = checkpoint._sha256_file(folder / TENSORS_FILE)
+    config["tensors_sha256"] = sha256_file(folder / TENSORS_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps(config), encoding="utf-8")
 
 

@@ -1,5 +1,6 @@
 """python -m asaf_fx run on a tiny saved model: the files it writes, the re-solve loop, bad input."""
 
+import importlib.util
 import io
 import json
 import shutil
@@ -83,6 +84,22 @@ def test_files_load_back(generous, inputs):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, result.model(ids).logits)
     assert (out / "model" / "tokenizer_config.json").is_file()
+
+
+def test_the_python_api_example_rebuilds_the_pipelines_model(generous, inputs, tmp_path):
+    """examples/end_to_end.py, given the pipeline's table and budget, builds the same model."""
+    out, result, _ = generous
+    path = Path(__file__).resolve().parents[1] / "examples" / "end_to_end.py"
+    spec = importlib.util.spec_from_file_location("end_to_end_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    got = example.main(["--model", str(inputs["model"]), "--table", str(out / "table.safetensors"),
+                        "--max-degradation", "10", "--eval-text", str(inputs["eval"]), "--eval-windows", "2",
+                        "--seq-len", "64", "--out", str(tmp_path / "model")])
+    assert got["identical"] == 1.0
+    assert got["flops_ratio"] == result.plan.flops_ratio
+    assert got["perplexity"] == result.summary["ppl_asaf"]
+    assert asaf_fx.load(tmp_path / "model").plan.groups == result.plan.groups
 
 
 def test_an_overshooting_plan_is_tightened_and_rounds_are_bounded(generous, inputs, tmp_path, monkeypatch):

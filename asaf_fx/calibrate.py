@@ -9,6 +9,7 @@ after every measurement, and rerunning the same command continues where it stopp
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -58,6 +59,27 @@ def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--w-method", choices=("gptq", "rtn"), default="gptq")
     parser.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
     parser.add_argument("--a-clip", type=float, default=0.9, help="activation clip ratio (default 0.9)")
+    parser.add_argument("--overrides", type=_overrides, default={},
+                        help='per-linear settings by weight-name pattern, as JSON, e.g. '
+                             '\'{"*.down_proj.weight": {"a_bits": 8}}\' (QuantConfig.overrides)')
+
+
+def _overrides(value: str) -> dict[str, Any]:
+    try:
+        overrides = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--overrides is not valid JSON ({exc}); write e.g. "
+                                         '\'{"*.down_proj.weight": {"a_bits": 8}}\'') from None
+    if not isinstance(overrides, dict):
+        raise argparse.ArgumentTypeError("--overrides must be a JSON object: weight-name pattern -> settings")
+    return overrides
+
+
+def quant_config(args: argparse.Namespace, rotate: bool = True) -> QuantConfig:
+    """The QuantConfig the options of :func:`add_quant_arguments` describe."""
+    return QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, w_method=args.w_method,
+                       w_group_size=args.group_size, a_clip=args.a_clip, rotate=rotate, seed=args.seed,
+                       overrides=args.overrides)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -96,9 +118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except ImportError:
             parser.error("--plot needs matplotlib: pip install 'asaf-fx[plot]'")
     try:
-        args.quant = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, w_method=args.w_method,
-                                 w_group_size=args.group_size, a_clip=args.a_clip, rotate=not args.no_rotate,
-                                 seed=args.seed)
+        args.quant = quant_config(args, rotate=not args.no_rotate)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
     return args
@@ -182,6 +202,23 @@ def validate(table: SensitivityTable, meter: DegradationMeter, count: int, seed:
         "mean_abs_log_ratio": float(np.mean(np.abs(np.log(pred[positive] / meas[positive])))) if positive.any() else math.nan,
         "log_ratio_plans": int(positive.sum()),
     }
+
+
+def health(singles: np.ndarray) -> dict[str, Any]:
+    """How much a (layers × levels) grid of single-layer ξ looks like signal rather than noise.
+
+    Pruning more of a layer should not help, so ξ should be ≥ 0 and rise with the level; a grid
+    where many values are negative or fall from one level to the next is dominated by something
+    other than the pruning (noise of the measurement, or of re-quantizing the pruned layer), and the
+    solver would allocate on that noise. ``noisy`` flags more than a quarter of either.
+    """
+    values = singles[np.isfinite(singles)]
+    steps = np.diff(singles, axis=1)
+    steps = steps[np.isfinite(steps)]
+    negative = float(np.mean(values < 0)) if values.size else math.nan
+    falling = float(np.mean(steps < 0)) if steps.size else math.nan
+    return {"negative_fraction": negative, "falling_step_fraction": falling,
+            "noisy": bool(negative > 0.25 or falling > 0.25)}
 
 
 def plot(table: SensitivityTable, validation: dict[str, Any] | None, path: Path) -> None:
@@ -280,7 +317,7 @@ def run(args: argparse.Namespace, console: Console, loaded: tuple[Any, Any] | No
         "quant": args.quant.to_dict(), "granularity": args.granularity, "estimate": estimate,
         "layer_forwards": meter.layer_forwards * world, "batches": len(batches),
         "time_s": {"build": round(built, 1), "measure": round(measured_s, 1)},
-        "removed_channels": cal.removed,
+        "removed_channels": cal.removed, "health": health(degradation[:, 0, :]),
         "fingerprint": fp,
     }
     table = SensitivityTable(np.array(cal.layer_flops, dtype=np.float64), np.array(args.sparsities), degradation,
@@ -311,6 +348,11 @@ def summary(console: Console, table: SensitivityTable, meter: DegradationMeter, 
         f"max {np.nanmax(singles[:, -1]):.4g} (layer {int(np.nanargmax(singles[:, -1]))})\n"
         f"cost: {meter.layer_forwards} decoder-layer forwards × batch this run ({len(meter.batches)} batches); "
         f"base build {built:.0f} s, measuring {measured:.0f} s, total {total:.0f} s")
+    check = table.meta["health"]
+    console.print(f"{check['negative_fraction']:.0%} of single-layer ξ are negative and ξ falls in "
+                  f"{check['falling_step_fraction']:.0%} of steps to the next level"
+                  + (": [bold red]the table looks noise-dominated[/bold red] (more --windows, --metric kl, or "
+                     "coarser levels)" if check["noisy"] else ""))
     if validation:
         console.print(f"validation on {validation['plans']} random plans: correlation {validation['correlation']:.3f}, "
                       f"mean |log(predicted/measured)| {validation['mean_abs_log_ratio']:.3f} "

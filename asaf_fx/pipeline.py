@@ -28,7 +28,7 @@ from asaf_fx._cli import int_at_least
 from asaf_fx.calibration.entries import MODES
 from asaf_fx.checkpoint import save
 from asaf_fx.compile import compile as compile_model
-from asaf_fx.config import PruneConfig, QuantConfig
+from asaf_fx.config import PruneConfig
 from asaf_fx.data import calibration_windows, perplexity, token_windows, wikitext2_test_path, wikitext2_valid_path
 from asaf_fx.evaluate import read_text, seed_everything
 from asaf_fx.inspection import model_totals
@@ -70,8 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if (args.mode == "groups") != (args.max_length is not None):
         parser.error("--max-length k goes with --mode groups, and --mode groups needs it")
     try:
-        args.quant = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, w_method=args.w_method,
-                                 w_group_size=args.group_size, a_clip=args.a_clip, seed=args.seed)
+        args.quant = calibrate.quant_config(args)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
     return args
@@ -87,6 +86,7 @@ def calibration_args(args: argparse.Namespace, text: Path) -> argparse.Namespace
             "--granularity", str(args.granularity)]
     argv += ["--max-length", str(args.max_length)] if args.max_length is not None else []
     argv += ["--group-size", str(args.group_size)] if args.group_size is not None else []
+    argv += ["--overrides", json.dumps(args.overrides)] if args.overrides else []
     return calibrate.parse_args(argv)
 
 
@@ -224,7 +224,8 @@ def run(args: argparse.Namespace, console: Console) -> Result:
         "base_bytes": int(base_totals["weight_bytes"]), "asaf_bytes": int(asaf_totals["weight_bytes"]),
         "eval_text": str(eval_text), "eval_windows": int(eval_ids.shape[0]), "seq_len": args.seq_len,
         "calibration_text": str(text), "calibration_windows": args.windows, "calibration_seq_len": args.cal_seq_len,
-        "quant": args.quant.to_dict(), "granularity": args.granularity, "rounds": rounds,
+        "quant": args.quant.to_dict(), "granularity": args.granularity, "table_health": table.meta.get("health"),
+        "rounds": rounds,
         "files": {"table": "table.safetensors", "plan": "plan.json", "model": "model"},
         "time_s": round(time.perf_counter() - started, 1),
     }

@@ -98,6 +98,9 @@ def test_validation_and_plot(model_dir, text_file, tmp_path):
     (["--sparsities", "0.2,0.1"], "strictly increasing"),
     (["--mode", "groups"], "--max-length"),
     (["--w-bits", "3"], "bits"),
+    (["--overrides", "{down: 8}"], "not valid JSON"),
+    (["--overrides", "[1]"], "JSON object"),
+    (["--overrides", '{"*.down_proj.weight": {"a_bits": 5}}'], "bits"),
 ])
 def test_bad_arguments_are_refused_by_the_parser(model_dir, text_file, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
@@ -137,3 +140,13 @@ def test_xi_is_measured_on_windows_the_model_was_not_fitted_on(model_dir, text_f
     fit = {tuple(row.tolist()) for row in seen["fit"]}
     measured = {tuple(row.tolist()) for row in seen["measured"]}
     assert len(fit) == 4 and len(measured) == 4 and not fit & measured
+
+
+def test_health_flags_a_noise_dominated_grid(groups_table):
+    clean = np.array([[0.001, 0.004, 0.01], [0.0, 0.002, 0.003]])
+    assert calibrate.health(clean) == {"negative_fraction": 0.0, "falling_step_fraction": 0.0, "noisy": False}
+    noisy = np.array([[-0.02, 0.03, -0.01], [0.01, -0.04, 0.02]])  # what SmolLM2 W4A4KV4 looked like
+    report = calibrate.health(noisy)
+    assert report["negative_fraction"] == 0.5 and report["falling_step_fraction"] == 0.5 and report["noisy"]
+    table = asaf_fx.SensitivityTable.load(groups_table)
+    assert table.meta["health"] == calibrate.health(table.degradation[:, 0, :])

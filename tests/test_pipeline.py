@@ -69,6 +69,7 @@ def test_summary_is_complete_and_consistent(generous):
     # the uniform baseline removes the same FLOPs, to one 32-channel block per layer
     block = 32 * 6 * 96 / result.table.layer_flops[0]  # one 32-channel block of a layer's FLOPs
     assert abs(summary["uniform_flops_ratio"] - summary["flops_ratio"]) <= block / 2 + 1e-9
+    assert summary["table_health"] == result.table.meta["health"]
     assert summary["fp16_bytes"] > summary["base_bytes"] > summary["asaf_bytes"] > 0
     assert all(np.isfinite(summary[k]) and summary[k] > 1 for k in ("ppl_fp", "ppl_base", "ppl_asaf", "ppl_uniform"))
 
@@ -100,6 +101,14 @@ def test_the_python_api_example_rebuilds_the_pipelines_model(generous, inputs, t
     assert got["flops_ratio"] == result.plan.flops_ratio
     assert got["perplexity"] == result.summary["ppl_asaf"]
     assert asaf_fx.load(tmp_path / "model").plan.groups == result.plan.groups
+
+
+def test_quantization_overrides_reach_the_table_and_the_model(inputs, tmp_path):
+    overrides = {"*.down_proj.weight": {"a_bits": 8}}
+    args = pipeline.parse_args(argv(inputs, tmp_path / "out", "--overrides", json.dumps(overrides)))
+    assert args.quant.overrides == overrides
+    cal = pipeline.calibration_args(args, inputs["text"])
+    assert cal.quant == args.quant  # the table is measured on the model the pipeline compiles
 
 
 def test_an_overshooting_plan_is_tightened_and_rounds_are_bounded(generous, inputs, tmp_path, monkeypatch):

@@ -207,18 +207,23 @@ def validate(table: SensitivityTable, meter: DegradationMeter, count: int, seed:
 def health(singles: np.ndarray) -> dict[str, Any]:
     """How much a (layers × levels) grid of single-layer ξ looks like signal rather than noise.
 
-    Pruning more of a layer should not help, so ξ should be ≥ 0 and rise with the level; a grid
-    where many values are negative or fall from one level to the next is dominated by something
-    other than the pruning (noise of the measurement, or of re-quantizing the pruned layer), and the
-    solver would allocate on that noise. ``noisy`` flags more than a quarter of either.
+    Pruning more of a layer should not help, so ξ should be ≥ 0 and rise with the level.
+    ``negative_mass``, the summed size of the negative values over the sum of the positive ones,
+    says how large the noise (of the measurement, or of re-quantizing the pruned layer) is against
+    the effect; ``falling_step_fraction`` catches noise riding on a positive offset (pure noise
+    falls in half of the steps). ``noisy``: negative_mass > 0.5 or more than a third of the steps
+    fall — the solver would allocate on noise. SmolLM2 (5/10/15 %, 8 × 256 held-out tokens):
+    W4A16 0.15 and 23 %; W4A4KV4 with 8-bit down_proj inputs 0.06 and 43 %; W4A4KV4 1.8.
     """
     values = singles[np.isfinite(singles)]
     steps = np.diff(singles, axis=1)
     steps = steps[np.isfinite(steps)]
-    negative = float(np.mean(values < 0)) if values.size else math.nan
-    falling = float(np.mean(steps < 0)) if steps.size else math.nan
-    return {"negative_fraction": negative, "falling_step_fraction": falling,
-            "noisy": bool(negative > 0.25 or falling > 0.25)}
+    positive = float(values[values > 0].sum())
+    negative_mass = float(-values[values < 0].sum() / positive) if positive > 0 else math.inf
+    return {"negative_fraction": float(np.mean(values < 0)) if values.size else math.nan,
+            "falling_step_fraction": float(np.mean(steps < 0)) if steps.size else math.nan,
+            "negative_mass": negative_mass,
+            "noisy": bool(negative_mass > 0.5 or (steps.size > 0 and np.mean(steps < 0) > 1 / 3))}
 
 
 def plot(table: SensitivityTable, validation: dict[str, Any] | None, path: Path) -> None:
@@ -349,7 +354,8 @@ def summary(console: Console, table: SensitivityTable, meter: DegradationMeter, 
         f"cost: {meter.layer_forwards} decoder-layer forwards × batch this run ({len(meter.batches)} batches); "
         f"base build {built:.0f} s, measuring {measured:.0f} s, total {total:.0f} s")
     check = table.meta["health"]
-    console.print(f"{check['negative_fraction']:.0%} of single-layer ξ are negative and ξ falls in "
+    console.print(f"{check['negative_fraction']:.0%} of single-layer ξ are negative (their summed size is "
+                  f"{check['negative_mass']:.2f} × that of the positive ones) and ξ falls in "
                   f"{check['falling_step_fraction']:.0%} of steps to the next level"
                   + (": [bold red]the table looks noise-dominated[/bold red] (more --windows, --metric kl, or "
                      "coarser levels)" if check["noisy"] else ""))

@@ -1,6 +1,7 @@
 """python -m asaf_fx run --model smollm2|PATH --out DIR [--max-degradation 0.01]
 
-End to end: calibrate a sensitivity table, solve a plan within the budget, compile the plan with
+End to end: calibrate a sensitivity table, solve a plan within the budget (a layer is pruned at one
+of the table's levels or left dense), compile the plan with
 rotation and quantization, and measure it on held-out text. When the measured degradation
 (ppl_asaf / ppl_base − 1 on the evaluation windows) exceeds the budget, the solver's budget is
 tightened to δ · budget / measured · 0.9 and the plan solved and compiled again, at most --rounds
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace, console: Console) -> Result:
     best = None  # (measured, plan, compiled, ppl)
     for number in range(1, args.rounds + 1):
         try:
-            plan = solve(table, delta, min_sparsity=levels[0], max_sparsity=levels[1])
+            plan = solve(table, delta, min_sparsity=levels[0], max_sparsity=levels[1], allow_dense=True)
         except InfeasibleError as exc:
             rounds.append({"round": number, "max_degradation": delta, "infeasible": str(exc)})
             console.print(f"round {number}: δ={delta:.4g}: {exc}")

@@ -36,17 +36,12 @@ def render(plan: Plan, table: SensitivityTable, console: Console) -> None:
     for column in ("layers", "n", "sparsity", "FLOPs/token", "saved", "degradation"):
         grid.add_column(column, justify="right")
     for g in plan.groups:
-        k = level[g.sparsity]
-        flops = table.flops[g.start, g.length - 1, k]
         dense = table.layer_flops[g.start : g.stop].sum()
-        grid.add_row(
-            f"{g.start}–{g.stop - 1}",
-            str(g.length),
-            f"{g.sparsity:.1%}",
-            f"{flops:.4g}",
-            f"{1 - flops / dense:.1%}",
-            f"{table.degradation[g.start, g.length - 1, k]:.3e}",
-        )
+        k = level.get(g.sparsity)  # None: an unpruned group (solve(..., allow_dense=True))
+        flops = dense if k is None else table.flops[g.start, g.length - 1, k]
+        xi = 0.0 if k is None else table.degradation[g.start, g.length - 1, k]
+        grid.add_row(f"{g.start}–{g.stop - 1}", str(g.length), f"{g.sparsity:.1%}", f"{flops:.4g}",
+                     f"{1 - flops / dense:.1%}", f"{xi:.3e}")
     console.print(grid)
     console.print(
         f"{len(plan.groups)} groups over {plan.num_layers} layers · FLOPs saved {1 - plan.flops_ratio:.2%} · "

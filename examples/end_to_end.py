@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     quant = asaf_fx.QuantConfig.from_dict(meta["quant"])
 
     plan = asaf_fx.solve(table, args.max_degradation, min_sparsity=float(table.sparsities[0]),
-                         max_sparsity=float(table.sparsities[-1]))
+                         max_sparsity=float(table.sparsities[-1]), allow_dense=True)
     render(plan, table, console)
 
     # The windows the table's model was fitted on (calibrate measures ξ on as many other ones).

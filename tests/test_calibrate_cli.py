@@ -143,10 +143,15 @@ def test_xi_is_measured_on_windows_the_model_was_not_fitted_on(model_dir, text_f
 
 
 def test_health_flags_a_noise_dominated_grid(groups_table):
-    clean = np.array([[0.001, 0.004, 0.01], [0.0, 0.002, 0.003]])
-    assert calibrate.health(clean) == {"negative_fraction": 0.0, "falling_step_fraction": 0.0, "noisy": False}
+    clean = np.array([[0.001, 0.004, 0.01], [-0.001, 0.002, 0.003]])  # one small negative value: noise
+    report = calibrate.health(clean)
+    assert report["negative_fraction"] == pytest.approx(1 / 6) and report["falling_step_fraction"] == 0.0
+    assert report["negative_mass"] == pytest.approx(0.001 / 0.02) and not report["noisy"]
     noisy = np.array([[-0.02, 0.03, -0.01], [0.01, -0.04, 0.02]])  # what SmolLM2 W4A4KV4 looked like
     report = calibrate.health(noisy)
-    assert report["negative_fraction"] == 0.5 and report["falling_step_fraction"] == 0.5 and report["noisy"]
+    assert report["negative_fraction"] == 0.5 and report["falling_step_fraction"] == 0.5
+    assert report["negative_mass"] == pytest.approx(0.07 / 0.06) and report["noisy"]
+    offset = np.array([[0.04, 0.02, 0.05], [0.03, 0.05, 0.02]])  # all positive, but no trend: noise
+    assert calibrate.health(offset)["negative_mass"] == 0.0 and calibrate.health(offset)["noisy"]
     table = asaf_fx.SensitivityTable.load(groups_table)
     assert table.meta["health"] == calibrate.health(table.degradation[:, 0, :])

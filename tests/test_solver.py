@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 import asaf_fx
 from asaf_fx import InfeasibleError, SensitivityTable
+from asaf_fx.plan import render
 from asaf_fx.solvers import METHODS
 from asaf_fx.solvers.problem import Problem, make_problem
 from asaf_fx.synthetic import synthetic_table
@@ -154,6 +157,23 @@ def test_infeasible_names_the_smallest_achievable_degradation():
     for method in METHODS:
         with pytest.raises(InfeasibleError, match=r"smallest achievable degradation .*0\.007"):
             asaf_fx.solve(table, 0.005, min_sparsity=0.05, method=method)
+
+
+def test_allow_dense_leaves_layers_unpruned_where_the_budget_cannot_pay_for_them(capsys):
+    sparsities = np.array([0.05, 0.1])
+    degradation = np.full((2, 2, 2), np.nan)
+    degradation[0, 0] = [0.004, 0.01]
+    degradation[1, 0] = [0.002, 0.01]
+    degradation[0, 1] = [0.009, 0.02]
+    table = SensitivityTable(np.ones(2), sparsities, degradation)  # pruning both costs ≥ 0.006
+    for method in ("exact", "greedy"):  # two-phase's coarse phase sees one level per interval only
+        plan = asaf_fx.solve(table, 0.005, min_sparsity=0.05, method=method, allow_dense=True)
+        assert plan.layer_sparsity == (0.0, 0.05)  # the cheaper layer is pruned, the other stays dense
+        assert plan.predicted_degradation == 0.002 and plan.flops == pytest.approx(2 - 0.05)
+        assert plan.stats["allow_dense"] is True
+    nothing = asaf_fx.solve(table, 0.001, min_sparsity=0.05, allow_dense=True)
+    assert nothing.layer_sparsity == (0.0, 0.0) and nothing.flops == nothing.dense_flops
+    render(plan, table, Console(file=io.StringIO()))  # an unpruned group has no table level: still renders
 
 
 def test_infeasible_when_nothing_is_measured():

@@ -21,6 +21,7 @@ def solve(
     max_sparsity: float = 0.15,
     resolution: float | None = None,
     method: str = "exact",
+    allow_dense: bool = False,
 ) -> Plan:
     """Choose consecutive layer groups and one sparsity each, removing the most FLOPs within budget.
 
@@ -33,6 +34,9 @@ def solve(
         min_sparsity, max_sparsity: every group's rate lies in this range (the paper's α, β).
         resolution: budget quantum r; each Ξ is rounded *up* to a multiple of r, so the returned
             plan's true degradation never exceeds δ. Default δ / 1000.
+        allow_dense: a group may also stay unpruned (sparsity 0: no degradation, all its FLOPs),
+            so budgets below "every layer at ``min_sparsity``" still have plans. (Two-phase's coarse
+            phase represents each interval of levels by its middle one and can miss such plans.)
         method: "exact" (globally optimal at the resolution, group count free), "two-phase" (the
             ASAF paper's coarse-then-fine DP, kept as a baseline) or "greedy" (naive baseline).
 
@@ -41,7 +45,7 @@ def solve(
     """
     if method not in _SOLVERS:
         raise ValueError(f"solve: unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    problem = make_problem(table, max_degradation, min_sparsity, max_sparsity, resolution)
+    problem = make_problem(table, max_degradation, min_sparsity, max_sparsity, resolution, allow_dense)
     return _SOLVERS[method](problem)
 
 

@@ -30,7 +30,7 @@ class InfeasibleError(ValueError):
 @dataclass(frozen=True)
 class Problem:
     table: SensitivityTable
-    level_index: np.ndarray  # (K,) indices into table.sparsities kept by [min, max] sparsity
+    level_index: np.ndarray  # (K,) indices into table.sparsities kept by [min, max] sparsity; -1: dense
     sparsities: np.ndarray  # (K,)
     degradation: np.ndarray  # (p, p, K) Ξ, NaN = unavailable
     flops: np.ndarray  # (p, p, K) H, 0 where unavailable (never chosen: its cost is over budget)
@@ -41,6 +41,7 @@ class Problem:
     max_degradation: float
     min_sparsity: float
     max_sparsity: float
+    allow_dense: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -57,6 +58,7 @@ def make_problem(
     min_sparsity: float,
     max_sparsity: float,
     resolution: float | None,
+    allow_dense: bool = False,
 ) -> Problem:
     if not isinstance(table, SensitivityTable):
         raise TypeError(f"solve: table must be a SensitivityTable, got {type(table).__name__}")
@@ -76,12 +78,24 @@ def make_problem(
     # A tolerance so that a grid value written as 0.15 is not lost to 0.15000000000000002.
     tol = 1e-9
     level_index = np.flatnonzero((grid >= min_sparsity - tol) & (grid <= max_sparsity + tol))
-    if level_index.size == 0:
+    if level_index.size == 0 and not allow_dense:
         raise InfeasibleError(
             f"solve: no sparsity level of the table {grid.tolist()} lies in "
             f"[min_sparsity, max_sparsity] = [{min_sparsity}, {max_sparsity}]"
         )
     degradation = table.degradation[:, :, level_index]
+    flops = table.flops[:, :, level_index]
+    sparsities = grid[level_index]
+    if allow_dense:  # level "-1": the group stays dense, costs nothing and keeps all of its FLOPs
+        p = table.num_layers
+        start, length = np.meshgrid(np.arange(p), np.arange(1, p + 1), indexing="ij")
+        fits = start + length <= p
+        prefix = np.concatenate([[0.0], np.cumsum(table.layer_flops)])
+        dense = np.where(fits, prefix[np.minimum(start + length, p)] - prefix[start], np.nan)
+        degradation = np.concatenate([np.where(fits, 0.0, np.nan)[..., None], degradation], axis=2)
+        flops = np.concatenate([dense[..., None], flops], axis=2)
+        sparsities = np.concatenate([[0.0], sparsities])
+        level_index = np.concatenate([[-1], level_index])
     available = ~np.isnan(degradation)
     # δ / r is often an integer spoilt by rounding (0.005 / 5e-06 = 999.9999999999999): snap it.
     ratio = max_degradation / resolution
@@ -90,11 +104,11 @@ def make_problem(
     units = np.ceil(cost / resolution)
     units = np.where(units * resolution < cost, units + 1, units)  # guard the other way round
     units = np.where(available, np.minimum(units, budget_units + 1), budget_units + 1).astype(np.int64)
-    flops = np.where(available, table.flops[:, :, level_index], 0.0)
+    flops = np.where(available, flops, 0.0)
     return Problem(
         table=table,
         level_index=level_index,
-        sparsities=grid[level_index],
+        sparsities=sparsities,
         degradation=degradation,
         flops=flops,
         units=units,
@@ -104,6 +118,7 @@ def make_problem(
         max_degradation=float(max_degradation),
         min_sparsity=float(min_sparsity),
         max_sparsity=float(max_sparsity),
+        allow_dense=bool(allow_dense),
     )
 
 
@@ -167,5 +182,6 @@ def build_plan(
             "used_units": units,
             "min_sparsity": problem.min_sparsity,
             "max_sparsity": problem.max_sparsity,
+            "allow_dense": problem.allow_dense,
         },
     )

@@ -357,8 +357,8 @@ def summary(console: Console, table: SensitivityTable, meter: DegradationMeter, 
     console.print(f"{check['negative_fraction']:.0%} of single-layer ξ are negative (their summed size is "
                   f"{check['negative_mass']:.2f} × that of the positive ones) and ξ falls in "
                   f"{check['falling_step_fraction']:.0%} of steps to the next level"
-                  + (": [bold red]the table looks noise-dominated[/bold red] (more --windows, --metric kl, or "
-                     "coarser levels)" if check["noisy"] else ""))
+                  + (": [bold red]the table looks noise-dominated[/bold red] and the solver would allocate on "
+                     "noise (README, 'Sensitivity tables')" if check["noisy"] else ""))
     if validation:
         console.print(f"validation on {validation['plans']} random plans: correlation {validation['correlation']:.3f}, "
                       f"mean |log(predicted/measured)| {validation['mean_abs_log_ratio']:.3f} "

@@ -220,10 +220,10 @@ def health(singles: np.ndarray) -> dict[str, Any]:
     steps = steps[np.isfinite(steps)]
     positive = float(values[values > 0].sum())
     negative_mass = float(-values[values < 0].sum() / positive) if positive > 0 else math.inf
+    falling = float(np.mean(steps < 0)) if steps.size else math.nan
     return {"negative_fraction": float(np.mean(values < 0)) if values.size else math.nan,
-            "falling_step_fraction": float(np.mean(steps < 0)) if steps.size else math.nan,
-            "negative_mass": negative_mass,
-            "noisy": bool(negative_mass > 0.5 or (steps.size > 0 and np.mean(steps < 0) > 1 / 3))}
+            "falling_step_fraction": falling, "negative_mass": negative_mass,
+            "noisy": bool(negative_mass > 0.5 or falling > 1 / 3)}
 
 
 def plot(table: SensitivityTable, validation: dict[str, Any] | None, path: Path) -> None:

@@ -190,12 +190,16 @@ def build_variant(name: str, args: argparse.Namespace, plan) -> tuple[Any, Any, 
 
 def run_variant(name: str, args: argparse.Namespace, plan, memory: PeakMemory, console: Console) -> dict[str, Any]:
     console.print(f"[dim]{name}: building the model{'' if name == 'fp16' else ' and compiling it'}…[/dim]")
+    start = time.perf_counter()
     forward, step, facts = build_variant(name, args, plan)
-    console.print(f"[dim]{name}: measuring…[/dim]")
+    console.print(f"[dim]{name}: built in {time.perf_counter() - start:.1f} s; measuring…[/dim]")
     vocab = PRESETS[args.preset].vocab
-    prefill = [measure_prefill(forward, batch=batch, seq=seq, vocab=vocab, device=args.device, warmup=args.warmup,
-                               repeats=args.repeats, memory=memory, seed=args.seed + 2)
-               for seq in args.seq for batch in args.batch]
+    prefill = []
+    for seq in args.seq:  # one line per cell, so a run stopped part-way still shows what it measured
+        for batch in args.batch:
+            prefill.append(measure_prefill(forward, batch=batch, seq=seq, vocab=vocab, device=args.device,
+                                           warmup=args.warmup, repeats=args.repeats, memory=memory, seed=args.seed + 2))
+            console.print(f"[dim]{name}: seq {seq} × batch {batch}: {prefill[-1]['latency_ms']:.1f} ms[/dim]")
     decode = None
     if step is not None:
         decode = measure_decode(step, tokens=args.decode_tokens, warmup=args.warmup, device=args.device, memory=memory)

@@ -67,7 +67,11 @@ def capture_forward(model: torch.nn.Module, example_ids: torch.Tensor | None = N
     check_model(model)
     device = next(model.parameters()).device
     ids = example_ids if example_ids is not None else torch.zeros(2, 8, dtype=torch.long, device=device)
-    gm = capture_module(model, (ids,), {"use_cache": False}, dynamic_shapes=({0: Dim("batch"), 1: Dim("seq")}, None))
+    # Dim.DYNAMIC, not a named Dim: export then accepts the shape relations it derives instead of
+    # failing on them (named Dims must satisfy every guard over their whole range). On CUDA with GQA
+    # (Llama-3-8B shapes, torch 2.11) SDPA's tracing adds `min(128·seq, 512·seq) == 128·seq`, which
+    # export cannot prove for a named Dim; DYNAMIC still refuses to specialize a length to a constant.
+    gm = capture_module(model, (ids,), {"use_cache": False}, dynamic_shapes=({0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, None))
     # Shapes are re-propagated on a small input: cheaper, and any length works (dynamic export).
     return _record(gm, "forward", (ids[:1, :4], False), model)
 

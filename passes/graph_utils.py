@@ -134,7 +134,13 @@ def embedding_storages(gm: GraphModule) -> set[tuple[int, tuple[int, ...]]]:
 
 
 def add_constant(gm: GraphModule, name: str, value: torch.Tensor, before: Node) -> Node:
-    """Register ``value`` as a buffer named ``name`` (reused if equal) and return a get_attr node."""
+    """Register ``value`` as a buffer named ``name`` (reused if equal) and return a get_attr node.
+
+    The buffer goes to the device of the graph's other tensors: rotations are built on the CPU
+    (seeded CPU generators), and a kernel must get all its operands on one device.
+    """
+    device = next(iter(gm.state_dict().values()), value).device
+    value = value.to(device)
     if hasattr(gm, name):
         if not torch.equal(getattr(gm, name), value):
             raise ValueError(f"buffer {name} already holds a different tensor")

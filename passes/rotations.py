@@ -54,9 +54,9 @@ class Rotation:
         """w · Q (rows of w rotated)."""
         w = w.to(torch.float64)
         if self.dense is not None:
-            return w @ self.dense
+            return w @ self.dense.to(w.device)
         if self.signs is not None:
-            w = w * self.signs
+            w = w * self.signs.to(w.device)
         return hadamard_rotate_torch(w, self.right)
 
     def apply_left_transposed(self, w: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 import triton
 import triton.language as tl
 
@@ -26,6 +28,15 @@ def pick_configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[t
     """The GPU autotune list, or one small config under the interpreter (which is slow, and
     where timing configs would measure numpy, not a GPU)."""
     return [interpreter] if interpreting() else gpu
+
+
+def divide_rn(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x / divisor correctly rounded on every device, like the kernels' ``tl.math.div_rn``.
+
+    CUDA torch divides by a Python scalar as a multiplication by its reciprocal, which can land
+    one ulp away; dividing by a tensor of the same shape is a true division on CPU and CUDA.
+    """
+    return x / torch.full_like(x, divisor)
 
 
 @triton.jit

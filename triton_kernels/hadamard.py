@@ -59,7 +59,7 @@ def _rotate_compute(x: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = x.to(compute).reshape(*x.shape[:-1], power, m)
     if m > 1:
-        y = y @ right.to(compute)
+        y = y @ right.to(device=x.device, dtype=compute)
     y = _walsh_hadamard(y) * (1.0 / math.sqrt(power))
     return y.reshape(x.shape)
 
@@ -82,7 +82,7 @@ def sylvester_hadamard(power: int, dtype: torch.dtype = torch.float64) -> torch.
 def rotation_matrix(n: int, right: torch.Tensor) -> torch.Tensor:
     """The dense (n, n) orthogonal matrix R with ``hadamard_rotate_torch(x, right) == x @ R``."""
     power, m = split_width(n)
-    h = sylvester_hadamard(power) / math.sqrt(power)
+    h = sylvester_hadamard(power).to(right.device) / math.sqrt(power)
     return torch.kron(h, right.to(torch.float64).contiguous())
 
 

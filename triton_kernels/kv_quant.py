@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from asaf_fx.triton_kernels._runtime import next_pow2, round_half_even
+from asaf_fx.triton_kernels._runtime import divide_rn, next_pow2, round_half_even
 from asaf_fx.triton_kernels.quantize import FLOAT_DTYPES
 
 
@@ -39,7 +39,7 @@ def kv_quantize_torch(x: torch.Tensor, bits: int, group_size: int) -> tuple[torc
     _check(d, bits, group_size)
     xg = x.to(torch.float32).reshape(*x.shape[:-1], d // group_size, group_size)
     lo = xg.amin(-1)
-    scale = (xg.amax(-1) - lo) / (2**bits - 1)
+    scale = divide_rn(xg.amax(-1) - lo, 2**bits - 1)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round((xg - lo[..., None]) / safe[..., None]).clamp(0, 2**bits - 1).to(torch.uint8)
     q = q.reshape(x.shape)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from asaf_fx.triton_kernels._runtime import next_pow2, round_half_even
+from asaf_fx.triton_kernels._runtime import divide_rn, next_pow2, round_half_even
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -33,7 +33,7 @@ def check_act_quant_args(x: torch.Tensor, bits: int, clip_ratio: float) -> None:
 def quantize_rows_torch(xf: torch.Tensor, bits: int, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The quantization rule on a float32 tensor (shared with the rotate+quantize reference)."""
     qmax = 2 ** (bits - 1) - 1
-    scale = xf.abs().amax(dim=-1) * clip_ratio / qmax
+    scale = divide_rn(xf.abs().amax(dim=-1) * clip_ratio, qmax)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(xf / safe[..., None]).clamp(-qmax - 1, qmax).to(torch.int8)
     return q, scale

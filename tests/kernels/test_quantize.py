@@ -62,3 +62,14 @@ def test_bad_arguments_say_what_is_wrong(device):
 def test_opcheck(device, backend):
     x = torch.randn(3, 19, device=device)
     torch.library.opcheck(torch.ops.asaf_fx.quantize_per_token.default, (x, 4, 0.9))
+
+
+@pytest.mark.parametrize("divisor", [7, 15, 127, 255])
+def test_reference_scale_division_is_correctly_rounded(device, divisor):
+    # CUDA torch turns `tensor / python_scalar` into a multiplication by the reciprocal, one ulp off
+    # for some inputs, while the kernels divide with div_rn: the references must divide exactly too.
+    from asaf_fx.triton_kernels._runtime import divide_rn
+
+    x = torch.rand(1 << 16, device=device, dtype=torch.float32) * 100
+    exact = (x.double() / divisor).float()  # float64 quotient rounded once more: exact for float32 division
+    assert torch.equal(divide_rn(x, divisor), exact)

@@ -31,7 +31,8 @@ class Plan:
         groups: consecutive groups covering layers ``0 .. num_layers - 1`` exactly once, in order.
         flops: planned FLOPs per token of the decoder layers' linears (from the table's H).
         dense_flops: the same layers unpruned.
-        predicted_degradation: Σ Ξ of the chosen groups (unrounded), in the table's metric.
+        predicted_degradation: Σ of the chosen groups' charged Ξ (unrounded; an upper bound with
+            noise, see ``solvers.problem.charged_degradation``), in the table's metric.
         max_degradation: the budget the plan was solved for.
         method: the solver that produced it ("exact", "two-phase", "greedy", "uniform", ...).
         stats: solver statistics (``time_s``, ``states``, ``resolution``, ...).

@@ -215,14 +215,48 @@ def test_bad_solver_arguments(kwargs, message):
         asaf_fx.solve(table, **arguments)
 
 
-def test_zero_budget_allows_only_harmless_choices():
+def test_zero_budget_leaves_every_layer_dense_even_where_pruning_measured_helpful():
+    # A negative ξ is measurement error, not a free pruning: at zero budget nothing is pruned.
     sparsities = np.array([0.05, 0.1])
     degradation = np.full((2, 2, 2), np.nan)
     degradation[:, 0] = [[-0.001, 0.002], [0.0, 0.001]]
     table = SensitivityTable(np.ones(2), sparsities, degradation)
-    plan = asaf_fx.solve(table, 0.0, min_sparsity=0.05)
-    assert plan.layer_sparsity == (0.05, 0.05)
-    assert plan.predicted_degradation <= 0.0
+    with pytest.raises(InfeasibleError, match="smallest achievable degradation"):
+        asaf_fx.solve(table, 0.0, min_sparsity=0.05)
+    plan = asaf_fx.solve(table, 0.0, allow_dense=True)
+    assert plan.layer_sparsity == (0.0, 0.0)
+
+
+def test_charged_degradation_is_a_monotone_upper_bound():
+    from asaf_fx.solvers.problem import charged_degradation, noise_floor
+
+    degradation = np.full((2, 2, 3), np.nan)
+    degradation[:, 0] = [[0.002, 0.004, -0.003], [0.001, np.nan, 0.0005]]
+    degradation[0, 1] = [0.003, 0.004, 0.002]  # the two-layer group, estimated
+    measured = ~np.isnan(degradation)
+    measured[0, 1] = False
+    table = SensitivityTable(np.ones(2), np.array([0.05, 0.1, 0.15]), degradation, measured=measured)
+    sigma = 0.003
+    assert noise_floor(table) == pytest.approx(sigma)
+    charged = charged_degradation(table)
+    # 15 % costs at least what 10 % did; a measured entry carries one σ
+    np.testing.assert_allclose(charged[0, 0], np.array([0.002, 0.004, 0.004]) + sigma)
+    assert charged[1, 0, 0] == pytest.approx(0.001 + sigma) and np.isnan(charged[1, 0, 1])  # unmeasured stays out
+    assert charged[1, 0, 2] == pytest.approx(0.001 + sigma)
+    # an estimate from two single-layer measurements carries their summed noise, σ·√2
+    np.testing.assert_allclose(charged[0, 1], np.array([0.003, 0.004, 0.004]) + sigma * np.sqrt(2))
+
+
+def test_noisy_top_level_is_not_taken_for_free():
+    # Layer 0 measured below zero at 15 % (noise); the old cost max(ξ, 0) made that choice free.
+    degradation = np.full((2, 2, 3), np.nan)
+    degradation[:, 0] = [[0.005, 0.006, -0.001], [0.001, 0.002, 0.003]]
+    table = SensitivityTable(np.ones(2), np.array([0.05, 0.1, 0.15]), degradation)
+    plan = asaf_fx.solve(table, 0.006, method="exact", allow_dense=True)
+    assert plan.layer_sparsity == (0.0, 0.15)
+    assert plan.predicted_degradation == pytest.approx(0.003 + 0.001)  # ξ plus one σ of noise
+    assert plan.stats["table_sum"] == pytest.approx(0.003)
+    assert plan.stats["noise_floor"] == pytest.approx(0.001)
 
 
 def test_table_must_be_a_table():

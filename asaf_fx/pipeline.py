@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -34,6 +35,7 @@ from asaf_fx.data import calibration_windows, perplexity, token_windows, wikitex
 from asaf_fx.evaluate import read_text, seed_everything
 from asaf_fx.inspection import model_totals
 from asaf_fx.solvers import InfeasibleError, solve
+from asaf_fx.solvers.problem import charged_degradation
 from asaf_fx.sparsity_plan import Plan, uniform_plan
 from asaf_fx.table import SensitivityTable
 
@@ -171,11 +173,17 @@ def run(args: argparse.Namespace, console: Console) -> Result:
 
     budget, delta = args.max_degradation, args.max_degradation
     levels = (float(table.sparsities[0]), float(table.sparsities[-1]))
+    cheapest = float(np.nanmin(charged_degradation(table)[:, :, table.sparsities > 0]))
     rounds: list[dict[str, Any]] = []
     best = None  # (measured, plan, compiled, ppl)
     for number in range(1, args.rounds + 1):
         try:
             plan = solve(table, delta, min_sparsity=levels[0], max_sparsity=levels[1], allow_dense=True)
+            if plan.flops_ratio >= 1.0 and rounds and cheapest < rounds[-1]["max_degradation"]:
+                # Dense measures 0 by construction, so it teaches nothing: the smallest plan worth
+                # measuring after an overshoot is the cheapest single choice.
+                delta = cheapest * (1 + 1e-9)
+                plan = solve(table, delta, min_sparsity=levels[0], max_sparsity=levels[1], allow_dense=True)
         except InfeasibleError as exc:
             rounds.append({"round": number, "max_degradation": delta, "infeasible": str(exc)})
             console.print(f"round {number}: δ={delta:.4g}: {exc}")

@@ -132,14 +132,44 @@ def test_an_overshooting_plan_is_tightened_and_rounds_are_bounded(generous, inpu
     result, printed = run(argv(inputs, out, "--max-degradation", "0.01", "--rounds", "2"))
     summary, rounds = result.summary, result.summary["rounds"]
     assert "reusing the finished table" in printed
-    assert len(rounds) == len(asked) == 2 and asked[0] == 0.01  # bounded by --rounds
+    assert len(rounds) == 2 and asked[0] == 0.01  # bounded by --rounds
     assert rounds[0]["measured_degradation"] > 0.01
     assert asked[1] == pytest.approx(0.01 * 0.01 / rounds[0]["measured_degradation"] * 0.9)
-    assert rounds[1]["max_degradation"] == asked[1]  # solved, infeasible, or round 1's plan again
+    # solved at the tightened δ (or, where that prunes nothing, at the cheapest choice's cost)
+    assert rounds[1]["max_degradation"] == asked[-1]
     assert not summary["budget_met"] and "BUDGET NOT MET" in printed
     measured = [r["measured_degradation"] for r in rounds if "measured_degradation" in r]
     assert summary["measured_degradation"] == min(measured)  # the best round is the one saved
     assert json.loads((out / "summary.json").read_text())["budget_met"] is False
+
+
+def test_after_an_overshoot_a_dense_plan_is_replaced_by_the_cheapest_pruning(generous, inputs, tmp_path, monkeypatch):
+    """A tightened δ below every charged cost would give the dense plan, which measures 0 by construction."""
+    from asaf_fx.solvers.problem import charged_degradation
+
+    first, _, _ = generous
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(first / "table.safetensors", out / "table.safetensors")
+    real_solve, real_ppl, asked = pipeline.solve, pipeline._ppl, []
+
+    def solve(table, delta, **kwargs):
+        asked.append(delta)
+        return real_solve(table, delta, **kwargs)
+
+    def ppl(model, windows):  # every pruned model measures 1000× worse: round 2's δ is tiny
+        plan = getattr(model, "plan", None)
+        return real_ppl(model, windows) * (1000.0 if plan is not None and plan.method != "uniform" else 1.0)
+
+    monkeypatch.setattr(pipeline, "solve", solve)
+    monkeypatch.setattr(pipeline, "_ppl", ppl)
+    result, _ = run(argv(inputs, out, "--max-degradation", "0.01", "--rounds", "2"))
+    rounds = result.summary["rounds"]
+    table = asaf_fx.SensitivityTable.load(out / "table.safetensors")
+    cheapest = float(np.nanmin(charged_degradation(table)[:, :, table.sparsities > 0]))
+    assert asaf_fx.solve(table, asked[1], allow_dense=True).flops_ratio == 1.0  # the tightened δ: dense
+    assert asked[2] == pytest.approx(cheapest) and rounds[1]["max_degradation"] == asked[2]
+    assert rounds[1]["flops_ratio"] < 1.0  # what round 2 measured is a real pruning
 
 
 def test_bad_inputs_name_the_problem(generous, inputs, tmp_path, capsys):

@@ -7,6 +7,8 @@ callers compare against that model.
 
 from __future__ import annotations
 
+import itertools
+
 from collections.abc import Callable
 
 import torch
@@ -139,7 +141,7 @@ def add_constant(gm: GraphModule, name: str, value: torch.Tensor, before: Node) 
     The buffer goes to the device of the graph's other tensors: rotations are built on the CPU
     (seeded CPU generators), and a kernel must get all its operands on one device.
     """
-    device = next(iter(gm.state_dict().values()), value).device
+    device = next(itertools.chain(gm.parameters(), gm.buffers()), value).device
     value = value.to(device)
     if hasattr(gm, name):
         if not torch.equal(getattr(gm, name), value):

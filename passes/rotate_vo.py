@@ -39,13 +39,14 @@ class RotateValueOutput:
                                    f"multiples of head_dim {att.head_dim}", att.sdpa)
         for att in attentions:
             hd = att.head_dim
-            h = online_rotation(hd, self.seed, "value").matrix()
-            kv_heads = get_tensor(gm, att.v_proj.args[1]).shape[0] // hd
+            v_weight = get_tensor(gm, att.v_proj.args[1])
+            h = online_rotation(hd, self.seed, "value").matrix().to(v_weight.device)  # built on the CPU
+            kv_heads = v_weight.shape[0] // hd
             q_heads = get_tensor(gm, att.o_proj.args[1]).shape[1] // hd
-            update_tensor(gm, att.v_proj.args[1], lambda w, b=_blockdiag(h, kv_heads): b.to(w.device).T @ w)
+            update_tensor(gm, att.v_proj.args[1], lambda w, b=_blockdiag(h, kv_heads): b.T @ w)
             if (bias := linear_bias(att.v_proj)) is not None:
-                update_tensor(gm, bias, lambda v, b=_blockdiag(h, kv_heads): v @ b.to(v.device))
-            update_tensor(gm, att.o_proj.args[1], lambda w, b=_blockdiag(h, q_heads): w @ b.to(w.device))
+                update_tensor(gm, bias, lambda v, b=_blockdiag(h, kv_heads): v @ b)
+            update_tensor(gm, att.o_proj.args[1], lambda w, b=_blockdiag(h, q_heads): w @ b)
         gm.meta.setdefault(META_KEY, {}).setdefault("rotations", []).append(
             {"pass": self.name, "seed": self.seed, "count": len(attentions), "width": attentions[0].head_dim})
         return PassResult(gm, True)

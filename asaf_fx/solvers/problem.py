@@ -1,6 +1,6 @@
 """The allocation problem every solver works on, with the budget discretised once.
 
-Each group choice (start i, length n, level k) costs ``units[i, n-1, k] = ceil(max(Ξ, 0) / r)``
+Each group choice (start i, length n, level k) costs ``units[i, n-1, k] = ceil(charged Ξ / r)``
 budget units of resolution ``r``, and the budget is ``floor(δ / r)`` units. Rounding every cost
 *up* means any plan whose units fit the budget also fits it in true (unrounded) degradation:
 Σ Ξ ≤ Σ units·r ≤ δ.

@@ -253,6 +253,9 @@ def render(summary: dict[str, Any], console: Console) -> None:
     grid.add_row("+ ASAF plan", f"{summary['ppl_asaf']:.4f}", f"{summary['flops_ratio']:.4f}",
                  f"{summary['asaf_bytes']:,}")
     console.print(grid)
+    if summary["uniform_flops_ratio"] >= 1.0 > summary["flops_ratio"]:
+        console.print(f"uniform sparsity {summary['uniform_sparsity']:.2%} removes no channel: each layer's share "
+                      f"rounds to zero blocks of {summary['granularity']}, so the uniform row is the unpruned base")
     verdict = ("within" if summary["budget_met"] else "[bold red]BUDGET NOT MET[/bold red]: above")
     console.print(f"degradation: predicted {summary['predicted_degradation']:.4g}, measured "
                   f"{summary['measured_degradation']:.4g}, {verdict} the budget {summary['budget']:g} "

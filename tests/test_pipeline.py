@@ -172,6 +172,17 @@ def test_after_an_overshoot_a_dense_plan_is_replaced_by_the_cheapest_pruning(gen
     assert rounds[1]["flops_ratio"] < 1.0  # what round 2 measured is a real pruning
 
 
+def test_the_summary_says_when_uniform_sparsity_rounds_to_no_channels(generous):
+    _, result, _ = generous
+    printed = []
+    for uniform_ratio in (result.summary["flops_ratio"], 1.0):
+        out = io.StringIO()
+        pipeline.render({**result.summary, "uniform_flops_ratio": uniform_ratio}, Console(file=out, width=200))
+        printed.append(out.getvalue())
+    assert "removes no channel" not in printed[0]
+    assert f"rounds to zero blocks of {result.summary['granularity']}" in printed[1]
+
+
 def test_bad_inputs_name_the_problem(generous, inputs, tmp_path, capsys):
     first, _, _ = generous
     clash = tmp_path / "clash"

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from asaf_fx._atomic import sha256_file
 from asaf_fx._cli import int_at_least
-from asaf_fx.calibration.entries import MODES, planned_entries
+from asaf_fx.calibration.entries import MODES, distinct_variants, planned_entries
 from asaf_fx.calibration.estimate import complete_table
 from asaf_fx.calibration.measure import METRICS, DegradationMeter
 from asaf_fx.calibration.runner import measure_entries, remove_progress
@@ -296,7 +296,8 @@ def run(args: argparse.Namespace, console: Console, loaded: tuple[Any, Any] | No
     meter = DegradationMeter(cal, batches, args.metric)
     built = time.perf_counter() - started
     entries = planned_entries(cal.num_layers, len(args.sparsities), args.mode, args.max_length)
-    console.print(f"base model ready in {built:.0f} s; {len(entries)} entries to measure "
+    distinct, same_as = distinct_variants(entries, cal.removed)
+    console.print(f"base model ready in {built:.0f} s; {len(entries)} entries, {len(distinct)} distinct prunings to measure "
                   f"({args.mode}{f' --max-length {args.max_length}' if args.max_length else ''}, "
                   f"{len(args.sparsities)} levels, metric {args.metric}){f', rank {rank} of {world}' if world > 1 else ''}")
     measuring = time.perf_counter()
@@ -312,9 +313,10 @@ def run(args: argparse.Namespace, console: Console, loaded: tuple[Any, Any] | No
         def advance(entry, value):
             bar.advance(task)
 
-        values = measure_entries(entries, measure, args.out, fp, rank=rank, world=world, on_measured=advance,
+        values = measure_entries(distinct, measure, args.out, fp, rank=rank, world=world, on_measured=advance,
                                  on_todo=lambda todo: bar.update(task, total=todo))
     measured_s = time.perf_counter() - measuring
+    values = {entry: values[same_as[entry]] for entry in entries}
     degradation, measured_mask, estimate = complete_table(cal.num_layers, len(args.sparsities), values, seed=args.seed)
     meta = {
         "model": str(args.model), "metric": args.metric, "mode": args.mode, "max_length": args.max_length,

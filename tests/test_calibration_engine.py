@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asaf_fx.calibration.entries import planned_entries
+from asaf_fx.calibration.entries import distinct_variants, planned_entries
 from asaf_fx.calibration.estimate import complete_table, select_group_model
 from asaf_fx.calibration.progress import Progress
 from asaf_fx.calibration.runner import measure_entries, progress_files, remove_progress
@@ -39,6 +39,19 @@ def test_planned_entries_per_mode():
 
 class Interrupt(KeyboardInterrupt):
     pass
+
+
+def test_levels_that_prune_the_same_channels_are_measured_once():
+    # Layer 1's levels 0 and 1 both remove 32 channels; layer 0's do not.
+    removed = [[32, 64, 96], [32, 32, 64], [0, 32, 64]]
+    entries = planned_entries(3, 3, "groups", 2)
+    distinct, same_as = distinct_variants(entries, removed)
+    assert same_as[(1, 1, 1)] == (1, 1, 0)  # the first of equal entries stands for the others
+    assert same_as[(0, 2, 1)] == (0, 2, 1)  # layer 0 differs, so the group does
+    assert same_as[(1, 2, 1)] == (1, 2, 1)  # layer 2 differs
+    assert set(same_as) == set(entries) and set(same_as.values()) == set(distinct)
+    assert len(distinct) == len(entries) - 1
+    assert all(same_as[e] == e for e in distinct)
 
 
 def test_interrupted_run_resumes_to_the_identical_result(tmp_path):

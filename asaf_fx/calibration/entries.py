@@ -32,3 +32,20 @@ def planned_entries(num_layers: int, num_levels: int, mode: str, max_length: int
         for length in range(1, min(longest, num_layers - start) + 1)
         for level in range(num_levels)
     ]
+
+
+def distinct_variants(entries: list[Entry], removed: list[list[int]]) -> tuple[list[Entry], dict[Entry, Entry]]:
+    """The entries worth measuring, and which measured entry each entry equals.
+
+    Two levels that round to the same channel count at the granularity (on SmolLM2, 1 % and 2 %
+    both remove one block of 32) prune a group identically, so their ξ is the same measurement:
+    only the first entry (in ``entries`` order) of each ``(start, length, channel counts)`` is
+    measured. ``removed[layer][level]`` is the channel count of ``layer`` at ``level``.
+    """
+    first: dict[tuple, Entry] = {}
+    same_as: dict[Entry, Entry] = {}
+    for entry in entries:
+        start, length, level = entry
+        key = (start, length, tuple(removed[layer][level] for layer in range(start, start + length)))
+        same_as[entry] = first.setdefault(key, entry)
+    return list(first.values()), same_as

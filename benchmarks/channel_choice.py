@@ -40,8 +40,7 @@ import torch
 import asaf_fx
 from asaf_fx.data import calibration_windows, perplexity, read_joined, token_windows, wikitext2_test_path, wikitext2_valid_path
 from asaf_fx.passes import prune_mlp
-from asaf_fx.passes.channel_selection import (channel_importance, channels_to_keep, channels_to_remove,
-                                              refit_down_proj)
+from asaf_fx.passes.channel_selection import channel_importance, channels_to_keep, refit_down_proj
 from asaf_fx.passes.graph_utils import get_tensor
 from asaf_fx.passes.linear_stats import collect_linear_stats
 from asaf_fx.passes.patterns import find_swiglus
@@ -71,20 +70,13 @@ def obs_removal_order(weight: torch.Tensor, gram: torch.Tensor, count: int, damp
     return torch.tensor(order, dtype=torch.long)
 
 
-def _removed(runner, sparsities, granularity) -> list[int]:
-    source = runner.split.source
-    flops = prune_mlp.layer_linear_flops(source)
-    return [channels_to_remove(flops[i], *get_tensor(source, mlp.down.args[1]).shape, s, granularity) if s > 0 else 0
-            for i, (mlp, s) in enumerate(zip(find_swiglus(source), sparsities, strict=True))]
-
-
 def layerwise_selector(choice: str, refit: bool) -> Callable:
     """``sequential``: layer l's statistics on states advanced through the pruned layers 0..l−1;
     ``obs``: on the dense model's states, like the library."""
 
     def select(runner, states, sparsities, granularity=32, _refit=False):
         source = runner.split.source
-        removed = _removed(runner, sparsities, granularity)
+        removed = prune_mlp.channels_removed(source, sparsities, granularity)
         result = []
         for layer, mlp in enumerate(find_swiglus(source)):
             down = get_tensor(source, mlp.down.args[1])
@@ -121,7 +113,7 @@ def layerwise_selector(choice: str, refit: bool) -> Callable:
 def fixed_selector(importances: list[torch.Tensor]) -> Callable:
     def select(runner, states, sparsities, granularity=32, _refit=False):
         return [prune_mlp.MlpPruning(channels_to_keep(imp, r)) if r else None
-                for imp, r in zip(importances, _removed(runner, sparsities, granularity), strict=True)]
+                for imp, r in zip(importances, prune_mlp.channels_removed(runner.split.source, sparsities, granularity), strict=True)]
 
     return select
 

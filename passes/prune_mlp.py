@@ -78,6 +78,12 @@ def layer_linear_flops(gm: GraphModule) -> list[int]:
     return [sum(2 * get_tensor(gm, n.args[1]).numel() for n in layer) for layer in decoder_linears(gm)]
 
 
+def channels_removed(gm: GraphModule, sparsities: Sequence[float], granularity: int = 32) -> list[int]:
+    """MLP channels each decoder layer of ``gm`` loses at its sparsity (0 where it is 0)."""
+    return [channels_to_remove(flops, *get_tensor(gm, mlp.down.args[1]).shape, sparsity, granularity) if sparsity > 0 else 0
+            for flops, mlp, sparsity in zip(layer_linear_flops(gm), find_swiglus(gm), sparsities, strict=True)]
+
+
 def _down_inputs(runner: LayerwiseRunner, states: list[State], wanted: Callable[[int], bool]
                  ) -> Iterator[tuple[int, str, torch.Tensor, LinearStats | None]]:
     """Per decoder layer: (layer, down_proj weight attribute, its weight, statistics of its input
@@ -115,11 +121,7 @@ def select_mlp_channels(
     """
     if len(sparsities) != runner.num_layers:
         raise ValueError(f"{len(sparsities)} sparsities for {runner.num_layers} decoder layers")
-    flops = layer_linear_flops(runner.split.source)
-    removed = []
-    for layer, sparsity in enumerate(sparsities):
-        hidden, width = get_tensor(runner.split.source, find_swiglus(runner.split.source)[layer].down.args[1]).shape
-        removed.append(channels_to_remove(flops[layer], hidden, width, sparsity, granularity) if sparsity > 0 else 0)
+    removed = channels_removed(runner.split.source, sparsities, granularity)
     result: list[MlpPruning | None] = []
     for layer, _, down, stats in _down_inputs(runner, states, lambda i: removed[i] > 0):
         if stats is None:

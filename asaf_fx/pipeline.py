@@ -31,15 +31,22 @@ from asaf_fx.calibration.entries import MODES
 from asaf_fx.checkpoint import save
 from asaf_fx.compile import compile as compile_model
 from asaf_fx.config import PruneConfig
-from asaf_fx.data import calibration_windows, perplexity, token_windows, wikitext2_test_path, wikitext2_valid_path
+from asaf_fx.data import (DATA_ENV, calibration_windows, data_dir, perplexity, token_windows, wikitext2_test_path,
+                          wikitext2_valid_path)
 from asaf_fx.evaluate import read_text, seed_everything
 from asaf_fx.inspection import model_totals
+from asaf_fx.offline_text import offline_texts
 from asaf_fx.solvers import InfeasibleError, solve
 from asaf_fx.solvers.problem import charged_degradation
 from asaf_fx.sparsity_plan import Plan, uniform_plan
 from asaf_fx.table import SensitivityTable
 
 SCHEMA = "asaf_fx.pipeline/1"
+# Three levels keep the default table at 90 entries (SmolLM2: 7.5 min on a 2-core CPU, the whole run
+# ~12 min); calibrate's 15 levels would take 3.3× as long. At granularity 32 they prune 1, 3 and 6
+# blocks of a 1536-wide SmolLM2 MLP: the small levels are where a 1 % budget is spent.
+DEFAULT_SPARSITIES = (0.02, 0.05, 0.1)
+DEFAULT_EVAL_WINDOWS = 4
 TIGHTEN = 0.9  # aim this far below the budget when a round's measurement overshoots it
 
 
@@ -54,14 +61,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="solve-compile-measure rounds at most (default 3)")
     parser.add_argument("--text", type=Path, help="calibration text; default: the WikiText-2 validation split")
     parser.add_argument("--eval-text", type=Path, help="evaluation text; default: the WikiText-2 test split")
-    parser.add_argument("--eval-windows", type=int_at_least(1), default=4,
-                        help="evaluation windows from the start of --eval-text (default 4)")
+    parser.add_argument("--eval-windows", type=int_at_least(0), default=DEFAULT_EVAL_WINDOWS,
+                        help=f"evaluation windows from the start of --eval-text; 0: every whole window, which "
+                        f"takes longer (default {DEFAULT_EVAL_WINDOWS})")
     parser.add_argument("--seq-len", type=int_at_least(1), default=2048, help="evaluation window tokens (default 2048)")
     parser.add_argument("--windows", type=int_at_least(1), default=8, help="calibration windows (default 8)")
     parser.add_argument("--cal-seq-len", type=int_at_least(1), default=256,
                         help="calibration window tokens (default 256)")
-    parser.add_argument("--sparsities", type=calibrate._sparsities, default=calibrate.DEFAULT_SPARSITIES,
-                        help="table levels, comma-separated, increasing (default 0.01,...,0.15)")
+    parser.add_argument("--sparsities", type=calibrate._sparsities, default=DEFAULT_SPARSITIES,
+                        help=f"table levels, comma-separated, increasing (default {','.join(map(str, DEFAULT_SPARSITIES))})")
     parser.add_argument("--mode", choices=MODES, default="per-layer", help="calibration mode (default per-layer)")
     parser.add_argument("--max-length", type=int_at_least(1), help="longest measured group in --mode groups")
     calibrate.add_quant_arguments(parser)
@@ -101,6 +109,24 @@ def _existing(path: Path | None, default: Path, what: str) -> Path:
         raise FileNotFoundError(f"{what} {chosen} does not exist{hint}")
     read_text(chosen)
     return chosen
+
+
+def texts(args: argparse.Namespace, console: Console) -> tuple[Path, Path]:
+    """The calibration and evaluation texts: ``--text``/``--eval-text``, else WikiText-2 validation/test,
+    else (a machine without the shared data) the offline texts written into ``--out``."""
+    defaults = (wikitext2_valid_path(), wikitext2_test_path())
+    if any(given is None and not default.is_file() for given, default in zip((args.text, args.eval_text), defaults)):
+        offline = offline_texts(args.out)
+        console.print(f"WikiText-2 is not in {data_dir()} (set {DATA_ENV} to its folder): the missing texts default to "
+                      f"Python standard-library docstrings written to {offline[0]} (calibration) and {offline[1]} "
+                      "(evaluation); their perplexities are not WikiText-2 perplexities")
+        defaults = tuple(d if d.is_file() else o for d, o in zip(defaults, offline))
+    text = _existing(args.text, defaults[0], "calibration text")
+    eval_text = _existing(args.eval_text, defaults[1], "evaluation text")
+    if text.resolve() == eval_text.resolve():
+        raise ValueError(f"{text} is both the calibration and the evaluation text; the measured degradation "
+                         "would be optimistic: evaluate on held-out text (--eval-text)")
+    return text, eval_text
 
 
 def table_for(args: argparse.Namespace, cal_args: argparse.Namespace, loaded, text: Path,
@@ -146,17 +172,17 @@ def run(args: argparse.Namespace, console: Console) -> Result:
 
     started = time.perf_counter()
     seed_everything(args.seed)
-    text = _existing(args.text, wikitext2_valid_path(), "calibration text")
-    eval_text = _existing(args.eval_text, wikitext2_test_path(), "evaluation text")
-    if text.resolve() == eval_text.resolve():
-        raise ValueError(f"{text} is both the calibration and the evaluation text; the measured degradation "
-                         "would be optimistic: evaluate on held-out text (--eval-text)")
+    text, eval_text = texts(args, console)
     model, tokenizer = load_model(args.model)
     try:
-        eval_ids = token_windows(tokenizer, read_text(eval_text), args.seq_len, args.eval_windows)
+        eval_ids = token_windows(tokenizer, read_text(eval_text), args.seq_len, args.eval_windows or None)
+        if eval_ids.shape[0] == 0:
+            raise ValueError(f"text is shorter than one window of {args.seq_len} tokens")
     except ValueError as exc:
         raise ValueError(f"{eval_text}: {exc}; use fewer --eval-windows or a shorter --seq-len") from exc
-    console.print(f"evaluating on {eval_ids.shape[0]} windows × {args.seq_len} tokens of {eval_text}")
+    every = (f" (every whole window: each of the ≥ 4 models evaluated takes {eval_ids.shape[0] / DEFAULT_EVAL_WINDOWS:.0f}× "
+             f"as long as with the default {DEFAULT_EVAL_WINDOWS})" if not args.eval_windows else "")
+    console.print(f"evaluating on {eval_ids.shape[0]} windows × {args.seq_len} tokens of {eval_text}{every}")
     cal_args = calibration_args(args, text)
     table = table_for(args, cal_args, (model, tokenizer), text, console)
     cal_ids = calibration_windows(tokenizer, text, args.windows, args.cal_seq_len, seed=args.seed)

@@ -193,6 +193,7 @@ def test_bad_inputs_name_the_problem(generous, inputs, tmp_path, capsys):
         (argv({**inputs, "text": tmp_path / "missing.txt"}, tmp_path / "b"), "does not exist"),
         (argv({**inputs, "eval": tmp_path / "missing.txt"}, tmp_path / "c"), "does not exist"),
         (argv(inputs, tmp_path / "d", "--eval-windows", "400"), "fewer --eval-windows"),
+        (argv(inputs, tmp_path / "d2", "--eval-windows", "0", "--seq-len", "100000"), "shorter than one window"),
         (argv({**inputs, "eval": inputs["text"]}, tmp_path / "e"), "both the calibration and the evaluation"),
         (argv(inputs, clash, "--seed", "1"), "other settings"),
     ]
@@ -215,3 +216,36 @@ def test_bad_arguments_are_refused_by_the_parser(inputs, tmp_path, capsys, args,
 def test_entry_point_lists_commands(capsys):
     assert entry.main(["nope"]) == 2 and "unknown command 'nope'" in capsys.readouterr().err
     assert entry.main([]) == 2 and "run" in capsys.readouterr().err
+
+
+def test_without_the_shared_data_it_runs_on_offline_text(inputs, tmp_path, monkeypatch):
+    monkeypatch.setenv("ASAF_FX_DATA", str(tmp_path / "no-data"))
+    out = tmp_path / "out"
+    args = [a for a in argv(inputs, out, "--max-degradation", "10", "--rounds", "1")]
+    for flag in ("--text", "--eval-text"):  # drop the flag and its value: the defaults are what is tested
+        at = args.index(flag)
+        del args[at:at + 2]
+    result, printed = run(args)
+    calibration, evaluation = out / "offline-calibration.txt", out / "offline-evaluation.txt"
+    assert result.summary["calibration_text"] == str(calibration) and result.summary["eval_text"] == str(evaluation)
+    assert "WikiText-2 is not in" in printed and "standard-library docstrings" in printed
+    assert calibration.read_text() != evaluation.read_text()
+    assert np.isfinite(result.summary["ppl_asaf"])
+
+
+def test_a_missing_default_text_falls_back_alone(inputs, tmp_path, monkeypatch):
+    monkeypatch.setenv("ASAF_FX_DATA", str(tmp_path / "no-data"))
+    args = pipeline.parse_args(["--model", "m", "--out", str(tmp_path / "o"), "--text", str(inputs["text"])])
+    text, eval_text = pipeline.texts(args, Console(file=io.StringIO()))
+    assert text == inputs["text"] and eval_text == tmp_path / "o" / "offline-evaluation.txt"
+
+
+def test_eval_windows_zero_evaluates_every_whole_window(inputs, tmp_path):
+    from transformers import AutoTokenizer
+
+    from asaf_fx.evaluate import read_text
+
+    tokens = len(AutoTokenizer.from_pretrained(inputs["model"])(read_text(inputs["eval"]))["input_ids"])
+    result, printed = run(argv(inputs, tmp_path / "out", "--eval-windows", "0", "--max-degradation", "10", "--rounds", "1"))
+    assert result.summary["eval_windows"] == tokens // 64 > 2
+    assert f"evaluating on {tokens // 64} windows" in printed and "every whole window" in printed

@@ -221,7 +221,7 @@ def test_entry_point_lists_commands(capsys):
 def test_without_the_shared_data_it_runs_on_offline_text(inputs, tmp_path, monkeypatch):
     monkeypatch.setenv("ASAF_FX_DATA", str(tmp_path / "no-data"))
     out = tmp_path / "out"
-    args = [a for a in argv(inputs, out, "--max-degradation", "10", "--rounds", "1")]
+    args = argv(inputs, out, "--max-degradation", "10", "--rounds", "1")
     for flag in ("--text", "--eval-text"):  # drop the flag and its value: the defaults are what is tested
         at = args.index(flag)
         del args[at:at + 2]

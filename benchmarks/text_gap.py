@@ -22,27 +22,16 @@ measures. Weights at ``--w-bits`` (GPTQ for 4), activations and KV cache 16-bit.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 import asaf_fx
 from asaf_fx.calibration.measure import DegradationMeter
 from asaf_fx.calibration.variants import build_calibration_model
 from asaf_fx.compile import calibration_batches
-from asaf_fx.data import calibration_windows, read_joined, token_windows, wikitext2_test_path, wikitext2_valid_path
+from asaf_fx.data import calibration_windows, perplexity, read_joined, token_windows, wikitext2_test_path, wikitext2_valid_path
 from asaf_fx.sparsity_plan import uniform_plan
-
-
-def nll(model, windows: torch.Tensor) -> float:
-    total = 0.0
-    with torch.no_grad():
-        for ids in windows:
-            logits = model(ids[None]).logits[0, :-1].float()
-            total += float(F.cross_entropy(logits, ids[1:], reduction="sum"))
-    return total
 
 
 def main() -> None:
@@ -79,10 +68,8 @@ def main() -> None:
     pruned = asaf_fx.compile(model, plan, quant=quant, calibration=fit, decode=False)
 
     def rise(label: str, windows: torch.Tensor) -> None:
-        tokens = windows.shape[0] * (windows.shape[1] - 1)
-        b, p = nll(base, windows), nll(pruned, windows)
-        print(f"{label} ({windows.shape[0]} × {windows.shape[1]}): base PPL {math.exp(b / tokens):.3f}, "
-              f"{math.expm1((p - b) / tokens):+.2%}", flush=True)
+        b, p = (perplexity(lambda ids: m(ids).logits, windows) for m in (base, pruned))
+        print(f"{label} ({windows.shape[0]} × {windows.shape[1]}): base PPL {b:.3f}, {p / b - 1:+.2%}", flush=True)
 
     rise("2. compile, the same held-out windows", held)
     short = 2048 * args.test_windows // args.seq_len

@@ -9,7 +9,8 @@ measures one uniform plan both ways, and in between, so each difference has one 
 
 1. the meter on the held-out calibration windows (what a table entry is);
 2. ``asaf_fx.compile(plan)`` on the same windows (the meter and compile should agree);
-3. compile on the first windows of the validation file, cut contiguously;
+3. compile on the first windows of the validation file, cut contiguously, also with its blank lines
+   dropped (the test file has none), then its ``<unk>`` markers removed or replaced by a word;
 4. compile on the first test windows, at the same short length and at 2048;
 5. compile on 2048-token test windows spread over the whole split (every ``--stride``-th).
 
@@ -73,8 +74,12 @@ def main() -> None:
 
     rise("2. compile, the same held-out windows", held)
     short = 2048 * args.test_windows // args.seq_len
-    rise("3. compile, first validation windows", token_windows(tokenizer, read_joined(wikitext2_valid_path()),
-                                                                args.seq_len, short))
+    valid = read_joined(wikitext2_valid_path())
+    rise("3. compile, first validation windows", token_windows(tokenizer, valid, args.seq_len, short))
+    no_blank = "\n\n".join(line for line in valid.split("\n\n") if line.strip())
+    for label, text in (("blank lines dropped", no_blank), ("and <unk> removed", no_blank.replace(" <unk>", "")),
+                        ("and <unk> -> 'thing'", no_blank.replace("<unk>", "thing"))):
+        rise(f"   {label}", token_windows(tokenizer, text, args.seq_len, short))
     test = token_windows(tokenizer, read_joined(wikitext2_test_path()), 2048, None)
     rise("4. compile, first test windows", test[: args.test_windows].reshape(-1, args.seq_len))
     rise("   compile, first test windows", test[: args.test_windows])

@@ -5,16 +5,28 @@
 Is a pruning's cost on test text the pruning, or a new draw of the quantization error? For each
 seed, the rotated-quantized SmolLM2 is compiled without and with the plan (GPTQ, a_clip 0.9,
 calibrated as the pipeline does by default: 8 × 256 WikiText-2 validation tokens, seed 0) and
-both are evaluated on the first 4 windows of 2048 test tokens. Prints one line per seed.
+both are evaluated on the first 4 windows of 2048 test tokens. Prints one line per seed, with the
+first 16 hex digits of the sha256 of the base's compiled tensors: runs that print the same digest
+compiled the same bits.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
+
+import torch
 
 import asaf_fx
 from asaf_fx.data import calibration_windows, perplexity, read_joined, token_windows, wikitext2_test_path, wikitext2_valid_path
+
+
+def weights_digest(compiled) -> str:
+    digest = hashlib.sha256()
+    for name, t in sorted(compiled.forward_graph.state_dict().items()):
+        digest.update(name.encode() + t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def main() -> None:
@@ -39,8 +51,11 @@ def main() -> None:
         for chosen in (None, plan):
             compiled = asaf_fx.compile(model, chosen, quant=quant, calibration=calibration, decode=False)
             ppl.append(perplexity(lambda ids: compiled(ids).logits, test))
+            if chosen is None:
+                base_digest = weights_digest(compiled)
             del compiled
-        print(f"seed {seed}: base {ppl[0]:.3f}, with the plan {ppl[1]:.3f}, {ppl[1] / ppl[0] - 1:+.2%}", flush=True)
+        print(f"seed {seed}: base {ppl[0]:.3f} (weights {base_digest}), with the plan {ppl[1]:.3f}, "
+              f"{ppl[1] / ppl[0] - 1:+.2%}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ transformer layer is two consecutive segments (attention, MLP). Whatever precede
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -147,6 +148,14 @@ def model_totals(obj) -> dict[str, float]:
     flops = sum(i.flops for i in infos)
     return {"flops": flops, "dense_flops": flops + sum(i.removed_flops for i in infos),
             "weight_bytes": sum(i.weight_bytes for i in infos)}
+
+
+def tensors_digest(obj) -> str:
+    """sha256 (hex) over the names and bytes of every compiled tensor: equal digests, equal bits."""
+    digest = hashlib.sha256()
+    for name, t in sorted(_graph_of(obj).state_dict().items()):
+        digest.update(name.encode() + t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _table(gm: GraphModule, infos: list[LayerInfo]) -> Table:

@@ -13,20 +13,11 @@ compiled the same bits.
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
-
-import torch
 
 import asaf_fx
 from asaf_fx.data import calibration_windows, perplexity, read_joined, token_windows, wikitext2_test_path, wikitext2_valid_path
-
-
-def weights_digest(compiled) -> str:
-    digest = hashlib.sha256()
-    for name, t in sorted(compiled.forward_graph.state_dict().items()):
-        digest.update(name.encode() + t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+from asaf_fx.inspection import tensors_digest
 
 
 def main() -> None:
@@ -52,7 +43,7 @@ def main() -> None:
             compiled = asaf_fx.compile(model, chosen, quant=quant, calibration=calibration, decode=False)
             ppl.append(perplexity(lambda ids: compiled(ids).logits, test))
             if chosen is None:
-                base_digest = weights_digest(compiled)
+                base_digest = tensors_digest(compiled)[:16]
             del compiled
         print(f"seed {seed}: base {ppl[0]:.3f} (weights {base_digest}), with the plan {ppl[1]:.3f}, "
               f"{ppl[1] / ppl[0] - 1:+.2%}", flush=True)

@@ -1,10 +1,11 @@
 import io
 
 import pytest
+import torch
 from rich.console import Console
 
 import asaf_fx
-from asaf_fx.inspection import inspect, layers
+from asaf_fx.inspection import inspect, layers, tensors_digest
 
 
 def _console():
@@ -50,3 +51,13 @@ def test_bad_arguments(compiled_llama):
         inspect(compiled_llama, layer=7, console=_console())
     with pytest.raises(TypeError, match="inspect expects"):
         inspect(42)
+
+
+def test_tensors_digest_changes_with_any_compiled_bit(tiny_models):
+    compiled = asaf_fx.compile(tiny_models["llama"], decode=False)
+    before = tensors_digest(compiled)
+    assert before == tensors_digest(asaf_fx.compile(tiny_models["llama"], decode=False))
+    name, tensor = next((n, t) for n, t in compiled.forward_graph.state_dict().items() if t.is_floating_point())
+    with torch.no_grad():
+        tensor.view(-1)[0] = torch.nextafter(tensor.view(-1)[0], torch.tensor(float("inf"), dtype=tensor.dtype))
+    assert tensors_digest(compiled) != before, name

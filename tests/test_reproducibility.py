@@ -22,6 +22,7 @@ sys.path.insert(0, {tests!r})
 from conftest import make_tiny
 import asaf_fx
 from asaf_fx.config import QuantConfig
+from asaf_fx.inspection import tensors_digest
 from asaf_fx.sparsity_plan import uniform_plan
 
 torch.set_num_threads({threads})
@@ -29,11 +30,7 @@ model = make_tiny("llama", intermediate_size=256)
 ids = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(3))
 cm = asaf_fx.compile(model, uniform_plan(2, 0.25), calibration=ids, decode=False,
                      quant=QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="gptq"))
-digest = hashlib.sha256()
-for name, t in sorted(cm.forward_graph.state_dict().items()):
-    digest.update(name.encode() + t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-digest.update(cm(ids).logits.detach().numpy().tobytes())
-print(digest.hexdigest())
+print(hashlib.sha256(tensors_digest(cm).encode() + cm(ids).logits.detach().numpy().tobytes()).hexdigest())
 """
 
 

@@ -30,7 +30,7 @@ from asaf_fx.calibration.measure import METRICS, DegradationMeter
 from asaf_fx.calibration.runner import measure_entries, remove_progress
 from asaf_fx.calibration.variants import CalibrationModel, build_calibration_model
 from asaf_fx.compile import calibration_batches
-from asaf_fx.config import QuantConfig
+from asaf_fx.config import CLIP_SEARCH, QuantConfig
 from asaf_fx.data import calibration_windows, wikitext2_valid_path
 from asaf_fx.table import SensitivityTable
 
@@ -58,10 +58,22 @@ def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-bits", type=int, default=4)
     parser.add_argument("--w-method", choices=("gptq", "rtn"), default="gptq")
     parser.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
-    parser.add_argument("--a-clip", type=float, default=0.9, help="activation clip ratio (default 0.9)")
+    parser.add_argument("--a-clip", type=clip_ratio, default=0.9,
+                        help="activation clip ratio in (0, 1], or 'mse' to choose one per linear on the "
+                             "calibration data (default 0.9)")
     parser.add_argument("--overrides", type=_overrides, default={},
                         help='per-linear settings by weight-name pattern, as JSON, e.g. '
                              '\'{"*.down_proj.weight": {"a_bits": 8}}\' (QuantConfig.overrides)')
+
+
+def clip_ratio(value: str) -> float | str:
+    """--a-clip: a ratio, or CLIP_SEARCH."""
+    if value == CLIP_SEARCH:
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--a-clip must be a number in (0, 1] or {CLIP_SEARCH!r}, got {value!r}") from None
 
 
 def _overrides(value: str) -> dict[str, Any]:

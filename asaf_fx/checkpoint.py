@@ -39,7 +39,7 @@ import asaf_fx.ops  # noqa: F401  registers the kernel ops the graphs call
 from asaf_fx._atomic import atomic_path, sha256_file, write_text_atomic
 from asaf_fx.compile import rewrite
 from asaf_fx.compiled import CompiledModel
-from asaf_fx.config import QuantConfig
+from asaf_fx.config import CLIP_SEARCH, QuantConfig
 from asaf_fx.passes.capture import capture_decode, capture_forward
 from asaf_fx.passes.graph_utils import aten, get_tensor, is_op, set_tensor
 from asaf_fx.passes.infra import META_KEY
@@ -299,7 +299,14 @@ def _placeholder_lowerings(quant: QuantConfig) -> Callable[[GraphModule], list[L
                 weight = QuantizedWeight(torch.zeros(rows, columns, dtype=torch.int8, device=device),
                                          torch.ones(rows, -(-columns // group), device=device),
                                          settings["w_bits"], group)
-            result.append(LinearLowering.make(weight, settings["a_bits"], settings["a_clip"]))
+            clip = settings["a_clip"]
+            if clip == CLIP_SEARCH:
+                if settings["a_bits"] < 16:
+                    raise CheckpointError(f"asaf_fx.load: {CONFIG_FILE} leaves the activation clip of "
+                                          f"{linear.args[1].target} to a search (a_clip={CLIP_SEARCH!r}) instead of "
+                                          "the ratio compile chose; save the compiled model again")
+                clip = 1.0
+            result.append(LinearLowering.make(weight, settings["a_bits"], clip))
         return result
 
     return lowerings

@@ -24,7 +24,8 @@ import torch
 from torch.fx import GraphModule
 
 from asaf_fx.compiled import CompiledModel
-from asaf_fx.config import PruneConfig, QuantConfig
+from asaf_fx.config import CLIP_SEARCH, PruneConfig, QuantConfig
+from asaf_fx.passes.activation_clip import search_activation_clips
 from asaf_fx.passes.capture import capture_decode, capture_forward, check_model
 from asaf_fx.passes.fold_norms import FoldNorms
 from asaf_fx.passes.infra import GraphPass, PassManager, PatternError
@@ -117,13 +118,24 @@ def weight_spec(quant: QuantConfig, weight_name: str) -> WeightQuantSpec | None:
 
 
 def _lowerings(gm: GraphModule, quant: QuantConfig, calibration: list[torch.Tensor] | None,
-               on_stats=None) -> list[LinearLowering]:
+               on_stats=None) -> dict[str, LinearLowering]:
+    """Each decoder linear's lowering, by weight attribute, in graph order."""
     names = [n.args[1].target for layer in decoder_linears(gm) for n in layer]
     settings = [quant.for_linear(name) for name in names]
     specs = [weight_spec(quant, name) for name in names]
-    weights = (quantize_decoder_weights(gm, specs, calibration or (), on_stats) if any(specs)
-               else [None] * len(names))
-    return [LinearLowering.make(w, s["a_bits"], s["a_clip"]) for w, s in zip(weights, settings, strict=True)]
+    searched = {name: s["a_bits"] for name, s in zip(names, settings) if s["a_clip"] == CLIP_SEARCH and s["a_bits"] < 16}
+    if searched and not calibration:
+        raise ValueError(f"a_clip={CLIP_SEARCH!r} chooses each activation clip on calibration data; pass calibration= "
+                         "(token ids) or a fixed a_clip such as 0.9")
+    clips: dict[str, float] = {}
+
+    def search(runner, layer, states):
+        clips.update(search_activation_clips(runner, layer, states, searched))
+
+    weights = (quantize_decoder_weights(gm, specs, calibration or (), on_stats, search if searched else None)
+               if any(specs) or searched else [None] * len(names))
+    return {name: LinearLowering.make(w, s["a_bits"], clips.get(name, 1.0 if s["a_clip"] == CLIP_SEARCH else s["a_clip"]))
+            for name, w, s in zip(names, weights, settings, strict=True)}
 
 
 def rewrite(graphs: list[GraphModule], model, quant: QuantConfig,
@@ -204,7 +216,15 @@ def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantCon
         states = [runner.start(batch, False) for batch in batches]
         return select_mlp_channels(runner, states, sparsities, prune.granularity, prune.refit)
 
-    rewrite(graphs, model, quant, prunings, lambda gm: _lowerings(gm, quant, batches))
+    chosen: dict[str, LinearLowering] = {}
+
+    def lowerings(gm: GraphModule) -> list[LinearLowering]:
+        chosen.update(_lowerings(gm, quant, batches))
+        return list(chosen.values())
+
+    rewrite(graphs, model, quant, prunings, lowerings)
+    searched = {name: low.a_clip for name, low in chosen.items() if quant.for_linear(name)["a_clip"] == CLIP_SEARCH}
+    quant = quant.pin_clips(searched) if searched else quant
     for gm in graphs:
         log.info("compiled %s graph: passes %s", gm.meta["asaf_fx"]["kind"], gm.meta["asaf_fx"].get("passes", []))
     return CompiledModel(forward, graphs[1] if decode else None, model.config, quant, plan=plan,

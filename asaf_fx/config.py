@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass, field, fields
+import glob
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 _BITS = (4, 8, 16)
 _W_METHODS = ("rtn", "gptq")
 _ROTATIONS = ("hadamard", "orthogonal")
+CLIP_SEARCH = "mse"
 # What a per-linear override may change: the settings that belong to one linear.
 OVERRIDABLE = ("w_bits", "a_bits", "w_group_size", "a_clip", "w_method")
 
@@ -25,8 +27,11 @@ def _check_group_size(owner: str, value: object) -> None:
 
 
 def _check_clip(owner: str, value: object) -> None:
+    if value == CLIP_SEARCH:
+        return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{owner}.a_clip={value!r}: must lie in (0, 1] (1 = no clipping)")
+        raise ValueError(f"{owner}.a_clip={value!r}: must lie in (0, 1] (1 = no clipping) or be "
+                         f"{CLIP_SEARCH!r} (chosen per linear on the calibration data)")
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,10 @@ class QuantConfig:
         w_clip_search: choose each weight scale's clip factor by an MSE search (RTN and GPTQ);
             False takes the full range: faster to compile (the search is 40 passes over every
             weight), a little less accurate; ``python -m asaf_fx.bench`` turns it off.
-        a_clip: activation clip ratio: per-token range = a_clip · max|x| (1 = none).
+        a_clip: activation clip ratio: per-token range = a_clip · max|x| (1 = none); or "mse": each
+            linear's ratio is chosen from 1.0, 0.95, ..., 0.5 by the squared error of its output
+            on the calibration data (needs calibration=; the compiled model's ``quant`` then
+            lists the chosen ratios as overrides, see ``pin_clips``).
         rotate: apply QuaRot-style rotations (residual stream, online Hadamards before down_proj and
             o_proj, head-wise V/O, online Q/K after RoPE). Function-preserving on its own.
         rotation: residual rotation, "hadamard" (random-sign Hadamard) or "orthogonal" (random).
@@ -58,13 +66,13 @@ class QuantConfig:
     w_method: str = "rtn"
     w_group_size: int | None = None
     w_clip_search: bool = True
-    a_clip: float = 1.0
+    a_clip: float | str = 1.0
     rotate: bool = True
     rotation: str = "hadamard"
     seed: int = 0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    version: ClassVar[int] = 3
+    version: ClassVar[int] = 4
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "kv_bits"):
@@ -111,6 +119,17 @@ class QuantConfig:
             raise ValueError(f"{owner}.w_method={merged['w_method']!r}: must be one of {_W_METHODS}")
         return merged
 
+    def pin_clips(self, clips: dict[str, float]) -> QuantConfig:
+        """This config with each named linear's activation clip fixed to ``clips[name]``.
+
+        The pins are overrides of the linears' full settings, placed before the user's patterns
+        (first match wins), so the result quantizes every linear as this config did, with no
+        search left to run: what ``compile`` returns after ``a_clip="mse"`` and what a
+        checkpoint stores.
+        """
+        pinned = {glob.escape(name): {**self.for_linear(name), "a_clip": float(clip)} for name, clip in clips.items()}
+        return replace(self, overrides={**pinned, **{p: s for p, s in self.overrides.items() if p not in pinned}})
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict, with ``version``, that ``from_dict`` turns back into this config."""
         return {"version": self.version, **asdict(self)}
@@ -119,8 +138,9 @@ class QuantConfig:
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
         data = dict(data)
         version = data.pop("version", cls.version)
-        # Version 1 lacked w_group_size, a_clip and overrides; version 2 lacked w_clip_search.
-        if version not in (1, 2, cls.version):
+        # Version 1 lacked w_group_size, a_clip and overrides; version 2 lacked w_clip_search;
+        # version 3 lacked a_clip="mse". Each reads as it did.
+        if version not in (1, 2, 3, cls.version):
             raise ValueError(f"QuantConfig version {version} is not supported (this is version {cls.version})")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known

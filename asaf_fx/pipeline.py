@@ -93,7 +93,7 @@ def calibration_args(args: argparse.Namespace, text: Path) -> argparse.Namespace
             "--mode", args.mode, "--sparsities", ",".join(repr(s) for s in args.sparsities),
             "--windows", str(args.windows), "--seq-len", str(args.cal_seq_len), "--seed", str(args.seed),
             "--metric", "ppl", "--w-bits", str(args.w_bits), "--a-bits", str(args.a_bits),
-            "--kv-bits", str(args.kv_bits), "--w-method", args.w_method, "--a-clip", repr(args.a_clip),
+            "--kv-bits", str(args.kv_bits), "--w-method", args.w_method, "--a-clip", str(args.a_clip),
             "--granularity", str(args.granularity)]
     argv += ["--max-length", str(args.max_length)] if args.max_length is not None else []
     argv += ["--group-size", str(args.group_size)] if args.group_size is not None else []

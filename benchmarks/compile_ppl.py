@@ -1,7 +1,7 @@
 """WikiText-2 perplexity of SmolLM2-135M compiled by ``asaf_fx.compile`` at any setting.
 
     python benchmarks/compile_ppl.py [--w-bits 4] [--a-bits 4] [--kv-bits 4] [--w-method gptq|rtn]
-        [--group-size G] [--a-clip 0.9] [--no-rotate] [--sparsity 0.1 [--refit]] [--windows 8]
+        [--group-size G] [--a-clip 0.9|mse] [--no-rotate] [--sparsity 0.1 [--refit]] [--windows 8]
         [--calibration 32] [--overrides JSON] [--fp]
 
 Calibration: ``--calibration`` windows of 512 tokens drawn (seed 0) from the WikiText-2 *validation*
@@ -21,6 +21,7 @@ import time
 from rich.console import Console
 
 import asaf_fx
+from asaf_fx.calibrate import clip_ratio
 from asaf_fx.data import calibration_windows, perplexity, read_joined, token_windows, wikitext2_test_path, wikitext2_valid_path
 from asaf_fx.inspection import model_totals
 from asaf_fx.sparsity_plan import uniform_plan
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--kv-bits", type=int, default=4)
     parser.add_argument("--w-method", choices=("gptq", "rtn"), default="gptq")
     parser.add_argument("--group-size", type=int, default=None)
-    parser.add_argument("--a-clip", type=float, default=1.0)
+    parser.add_argument("--a-clip", type=clip_ratio, default=1.0, help="a ratio in (0, 1], or 'mse' (per linear)")
     parser.add_argument("--no-rotate", action="store_true")
     parser.add_argument("--sparsity", type=float, default=0.0)
     parser.add_argument("--refit", action="store_true", help="least-squares down_proj refit when pruning")

@@ -55,17 +55,22 @@ def linear_weight_targets(runner: LayerwiseRunner, layer: int) -> list[str]:
 def quantize_layer_weights(
     runner: LayerwiseRunner, states: list[State], spec: WeightQuantSpec | Mapping[str, WeightQuantSpec | None],
     on_stats: Callable[[str, LinearStats], None] | None = None,
+    before_layer: Callable[[int, list[State]], None] | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantize all decoder-layer linears of ``runner``'s module in place (see module docstring).
 
     ``spec`` applies to every linear, or maps weight attributes to their own spec (None, or
     missing: keep that weight in float). ``on_stats(target, stats)`` sees the input statistics
     of each GPTQ-quantized weight (calibration re-quantizes pruned weights from them).
+    ``before_layer(layer, states)`` sees each layer's input states before its weights change
+    (the activation clip search runs there, on the same inputs GPTQ sees).
     """
     module = runner.split.module
     spec_of = (lambda _: spec) if isinstance(spec, WeightQuantSpec) else spec.get
     results: dict[str, QuantizedWeight] = {}
     for layer in range(runner.num_layers):
+        if before_layer is not None:
+            before_layer(layer, states)
         specs = {t: s for t in linear_weight_targets(runner, layer) if (s := spec_of(t)) is not None}
         gptq = any(s.method == "gptq" for s in specs.values())
         stats = collect_linear_stats(runner, layer, states) if gptq else {}
@@ -87,21 +92,24 @@ def quantize_layer_weights(
 def quantize_decoder_weights(
     gm: GraphModule, specs: Sequence[WeightQuantSpec | None], calibration: Sequence[torch.Tensor] = (),
     on_stats: Callable[[str, LinearStats], None] | None = None,
+    before_layer: Callable[[LayerwiseRunner, int, list[State]], None] | None = None,
 ) -> list[QuantizedWeight | None]:
     """Quantized weights of ``gm``'s decoder linears, one ``spec`` each (None: stays float), in
     :func:`decoder_linears` order; ``gm`` itself is untouched.
 
-    GPTQ runs ``gm`` layer by layer on the ``calibration`` batches (token ids); RTN needs none.
+    GPTQ runs ``gm`` layer by layer on the ``calibration`` batches (token ids); RTN needs none,
+    unless ``before_layer(runner, layer, states)`` asks to see every layer's calibration inputs.
     """
     linears = [n for layer in decoder_linears(gm) for n in layer]
     if len(specs) != len(linears):
         raise ValueError(f"{len(specs)} weight specs for {len(linears)} decoder linears")
-    if not any(s is not None and s.method == "gptq" for s in specs):
+    if before_layer is None and not any(s is not None and s.method == "gptq" for s in specs):
         return [None if s is None else quantize_rtn(get_tensor(gm, n.args[1]).detach(), s.bits, s.group_size,
                                                     clip_search=s.clip_search) for n, s in zip(linears, specs)]
     if not calibration:
         raise ValueError("GPTQ needs calibration data: pass calibration= (token ids) or use w_method='rtn'")
     runner = LayerwiseRunner(split_decoder_layers(gm))
     states = [runner.start(batch, False) for batch in calibration]
-    found = quantize_layer_weights(runner, states, {n.args[1].target: s for n, s in zip(linears, specs)}, on_stats)
+    found = quantize_layer_weights(runner, states, {n.args[1].target: s for n, s in zip(linears, specs)}, on_stats,
+                                   None if before_layer is None else lambda layer, st: before_layer(runner, layer, st))
     return [found.get(n.args[1].target) for n in linears]

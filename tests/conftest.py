@@ -127,6 +127,22 @@ def captured(_forward_captures, tiny_models):
     return get
 
 
+def linear_inputs(model: torch.nn.Module, batches) -> dict[str, torch.Tensor]:
+    """Module name → the rows (flattened over batch and sequence) each nn.Linear of ``model`` saw
+    while it ran on ``batches``: what graph-side statistics must reproduce."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [module.register_forward_hook(lambda m, a, out, name=name: seen.setdefault(name, []).append(a[0]))
+             for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                model(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: torch.cat([t.reshape(-1, t.shape[-1]) for t in ts]) for name, ts in seen.items()}
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max|Δ| / max|ref|, the acceptance metric for function preservation."""
     out, ref = out.detach().float(), ref.detach().float()
@@ -214,4 +230,5 @@ def h():
     from types import SimpleNamespace
 
     return SimpleNamespace(rel_err=rel_err, snapshot=snapshot, assert_unchanged=assert_unchanged, archs=ARCHS,
-                           make_tiny=make_tiny, tiny=TINY, byte_tokenizer=byte_tokenizer, single_thread=single_thread)
+                           make_tiny=make_tiny, tiny=TINY, byte_tokenizer=byte_tokenizer, single_thread=single_thread,
+                           linear_inputs=linear_inputs)

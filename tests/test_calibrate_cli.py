@@ -40,7 +40,7 @@ def argv(model_dir, text_file, out, *extra):
 @pytest.fixture(scope="module")
 def groups_table(model_dir, text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "table.safetensors"
-    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2")) == 0
+    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "mse")) == 0
     return out
 
 
@@ -48,6 +48,7 @@ def test_the_table_loads_solves_and_records_what_was_measured(groups_table):
     table = asaf_fx.SensitivityTable.load(groups_table)
     assert table.num_layers == 4 and list(table.sparsities) == [0.1, 0.2]
     assert table.meta["metric"] == "ppl" and table.meta["mode"] == "groups"
+    assert table.meta["quant"]["a_clip"] == "mse"  # the setting asked for: a rerun searches the same way
     # groups of length 1 and 2 measured (4 + 3 starts × 2 levels), longer ones estimated
     assert table.measured[:, :2].sum() == 14 and not table.measured[:, 2:].any()
     assert np.isfinite(table.degradation[0, 3]).all()  # the whole-model group got an estimate
@@ -72,12 +73,15 @@ def test_interrupt_and_resume_give_the_identical_table(groups_table, model_dir, 
         return real(self, assignment)
 
     monkeypatch.setattr(DegradationMeter, "__call__", interrupting)
-    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2")) == 130
+    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "mse")) == 130
     assert not out.exists() and progress_files(out)
     monkeypatch.setattr(DegradationMeter, "__call__", real)
     # progress made with other settings is refused, not mixed in
-    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--seed", "1")) == 2
-    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2")) == 0
+    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "mse",
+                          "--seed", "1")) == 2
+    # and so is progress made with a fixed clip ratio instead of the search
+    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "0.9")) == 2
+    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "mse")) == 0
     resumed, whole = asaf_fx.SensitivityTable.load(out), asaf_fx.SensitivityTable.load(groups_table)
     for name in ("degradation", "flops", "measured", "layer_flops"):
         assert np.array_equal(getattr(resumed, name), getattr(whole, name), equal_nan=True), name
@@ -98,6 +102,7 @@ def test_validation_and_plot(model_dir, text_file, tmp_path):
     (["--sparsities", "0.2,0.1"], "strictly increasing"),
     (["--mode", "groups"], "--max-length"),
     (["--w-bits", "3"], "bits"),
+    (["--a-clip", "auto"], "--a-clip must be a number in (0, 1] or 'mse'"),
     (["--overrides", "{down: 8}"], "not valid JSON"),
     (["--overrides", "[1]"], "JSON object"),
     (["--overrides", '{"*.down_proj.weight": {"a_bits": 5}}'], "bits"),

@@ -15,8 +15,9 @@ from asaf_fx import checkpoint
 from asaf_fx.checkpoint import CONFIG_FILE, TENSORS_FILE, CheckpointError
 
 CALIBRATION = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(7))
-CASES = {  # arch -> (QuantConfig, plan sparsity): Qwen2 adds q/k/v biases, 8-bit weights and overrides
-    "llama": (asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn"), 0.25),
+CASES = {  # arch -> (QuantConfig, plan sparsity): Llama has searched activation clips (a_clip="mse",
+    # pinned in the saved config); Qwen2 adds q/k/v biases, 8-bit weights and overrides
+    "llama": (asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn", a_clip="mse"), 0.25),
     "qwen2": (asaf_fx.QuantConfig(w_bits=4, a_bits=8, kv_bits=8, w_method="rtn", seed=3,
                                   overrides={"model.layers.1.*": {"w_bits": 8}, "*.down_proj.weight": {"a_bits": 4}}),
               0.4),

@@ -89,6 +89,6 @@ def test_w_clip_search_reaches_the_weight_quantizer(captured, monkeypatch, clip_
     compile_module = importlib.import_module("asaf_fx.compile")  # the attribute asaf_fx.compile is the function
     seen = []
     monkeypatch.setattr(compile_module, "quantize_decoder_weights",
-                        lambda gm, specs, calibration, on_stats=None: seen.extend(specs) or [None] * len(specs))
+                        lambda gm, specs, calibration, on_stats=None, before_layer=None: seen.extend(specs) or [None] * len(specs))
     compile_module._lowerings(captured("llama"), QuantConfig(w_bits=4, w_clip_search=clip_search), None)
     assert len(seen) == 14 and {s.clip_search for s in seen} == {clip_search}

@@ -51,6 +51,8 @@ def test_new_fields_and_overrides_validate():
         QuantConfig(w_group_size=100)
     with pytest.raises(ValueError, match="a_clip=0"):
         QuantConfig(a_clip=0)
+    with pytest.raises(ValueError, match="a_clip='auto': must lie in \\(0, 1\\] .* or be 'mse'"):
+        QuantConfig(a_clip="auto")
     with pytest.raises(ValueError, match="unknown settings \\['kv_bits'\\]"):
         QuantConfig(overrides={"*": {"kv_bits": 4}})
     with pytest.raises(ValueError, match="w_bits=3"):
@@ -66,3 +68,14 @@ def test_version_2_configs_load_with_the_clip_search_on():
     assert loaded == QuantConfig(w_bits=4, a_clip=0.9) and loaded.w_clip_search
     off = QuantConfig(w_bits=4, w_clip_search=False)
     assert QuantConfig.from_dict(json.loads(json.dumps(off.to_dict()))) == off
+
+
+def test_version_3_configs_load_and_pinned_clips_override_every_pattern():
+    assert QuantConfig.from_dict({"version": 3, "w_bits": 4, "a_clip": 0.9}) == QuantConfig(w_bits=4, a_clip=0.9)
+    searched = QuantConfig(w_bits=4, a_bits=4, a_clip="mse", overrides={"*.down_proj.weight": {"a_bits": 8}})
+    down, odd = "model.layers.0.mlp.down_proj.weight", "model.layers.[1].mlp.down_proj.weight"
+    pinned = searched.pin_clips({down: 0.75, odd: 0.8})
+    assert pinned.for_linear(down) == {**searched.for_linear(down), "a_clip": 0.75}  # a_bits 8 kept
+    assert pinned.for_linear(odd)["a_clip"] == 0.8  # a name is matched literally, brackets and all
+    assert pinned.for_linear("model.layers.2.mlp.down_proj.weight")["a_clip"] == "mse"
+    assert QuantConfig.from_dict(json.loads(json.dumps(pinned.to_dict()))) == pinned

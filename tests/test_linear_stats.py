@@ -9,22 +9,10 @@ from asaf_fx.passes.linear_stats import collect_linear_stats
 from asaf_fx.passes.split_layers import split_decoder_layers
 
 
-def test_hessians_match_the_inputs_seen_by_the_original_model(captured, tiny_models):
+def test_hessians_match_the_inputs_seen_by_the_original_model(captured, tiny_models, h):
     model = tiny_models["mistral"]
     batches = [torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(s)) for s in range(2)]
-    seen: dict[str, list[torch.Tensor]] = {}
-    hooks = [
-        module.register_forward_hook(lambda m, a, out, name=name: seen.setdefault(name, []).append(a[0]))
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-    ]
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                model(ids)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    seen = h.linear_inputs(model, batches)
 
     runner = LayerwiseRunner(split_decoder_layers(captured("mistral")))
     states = [runner.start(ids, False) for ids in batches]
@@ -33,7 +21,7 @@ def test_hessians_match_the_inputs_seen_by_the_original_model(captured, tiny_mod
         assert len(stats) == 7  # q, k, v, o, gate, up, down: found in the graph, keyed by parameter
         for target, entry in stats.items():
             name = target.removesuffix(".weight")
-            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[name]]).double()
+            x = seen[name].double()
             assert entry.rows == x.shape[0] == 2 * 2 * 9
             torch.testing.assert_close(entry.hessian, x.T @ x, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(entry.mean_square, (x**2).mean(0), rtol=1e-6, atol=1e-6)

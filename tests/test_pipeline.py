@@ -111,6 +111,13 @@ def test_quantization_overrides_reach_the_table_and_the_model(inputs, tmp_path):
     assert cal.quant == args.quant  # the table is measured on the model the pipeline compiles
 
 
+@pytest.mark.parametrize("clip", ["mse", "0.8"])
+def test_the_activation_clip_reaches_the_table(inputs, tmp_path, clip):
+    args = pipeline.parse_args(argv(inputs, tmp_path / "out", "--a-clip", clip))
+    assert args.quant.a_clip == (clip if clip == "mse" else float(clip))
+    assert pipeline.calibration_args(args, inputs["text"]).quant == args.quant
+
+
 def test_an_overshooting_plan_is_tightened_and_rounds_are_bounded(generous, inputs, tmp_path, monkeypatch):
     """Every ASAF model measures 50% worse than it is: each round overshoots; δ shrinks as documented."""
     first, _, _ = generous

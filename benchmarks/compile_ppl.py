@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 
 from rich.console import Console
 
@@ -69,6 +70,12 @@ def main() -> None:
     line += (f" · linear FLOPs/token {totals['flops']:.4g} · decoder weight bytes {totals['weight_bytes']:.4g} · "
              f"compile {spent:.0f} s")
     console.print(line)
+    if args.a_clip == "mse":  # compile pinned each chosen ratio as an override: how they spread, by linear kind
+        chosen: dict[str, Counter] = {}
+        for name, settings in ((n, s) for n, s in cm.quant.overrides.items() if n not in args.overrides):
+            chosen.setdefault(name.split(".")[-2], Counter())[settings["a_clip"]] += 1
+        print("chosen clip ratios (ratio: linears): " + "; ".join(
+            f"{kind} " + ", ".join(f"{c:g}: {n}" for c, n in sorted(counts.items())) for kind, counts in chosen.items()))
 
 
 if __name__ == "__main__":

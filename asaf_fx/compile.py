@@ -118,24 +118,26 @@ def weight_spec(quant: QuantConfig, weight_name: str) -> WeightQuantSpec | None:
 
 
 def _lowerings(gm: GraphModule, quant: QuantConfig, calibration: list[torch.Tensor] | None,
-               on_stats=None) -> dict[str, LinearLowering]:
-    """Each decoder linear's lowering, by weight attribute, in graph order."""
+               on_stats=None) -> tuple[list[LinearLowering], dict[str, float]]:
+    """Each decoder linear's lowering, in graph order, and the clip ratio chosen for each linear
+    whose setting is a search (``a_clip="mse"``; 1.0 where its input stays 16-bit)."""
     names = [n.args[1].target for layer in decoder_linears(gm) for n in layer]
     settings = [quant.for_linear(name) for name in names]
     specs = [weight_spec(quant, name) for name in names]
-    searched = {name: s["a_bits"] for name, s in zip(names, settings) if s["a_clip"] == CLIP_SEARCH and s["a_bits"] < 16}
+    clips = {name: 1.0 for name, s in zip(names, settings) if s["a_clip"] == CLIP_SEARCH}
+    searched = {name: s["a_bits"] for name, s in zip(names, settings) if name in clips and s["a_bits"] < 16}
     if searched and not calibration:
         raise ValueError(f"a_clip={CLIP_SEARCH!r} chooses each activation clip on calibration data; pass calibration= "
                          "(token ids) or a fixed a_clip such as 0.9")
-    clips: dict[str, float] = {}
 
     def search(runner, layer, states):
         clips.update(search_activation_clips(runner, layer, states, searched))
 
     weights = (quantize_decoder_weights(gm, specs, calibration or (), on_stats, search if searched else None)
                if any(specs) or searched else [None] * len(names))
-    return {name: LinearLowering.make(w, s["a_bits"], clips.get(name, 1.0 if s["a_clip"] == CLIP_SEARCH else s["a_clip"]))
-            for name, w, s in zip(names, weights, settings, strict=True)}
+    lowerings = [LinearLowering.make(w, s["a_bits"], clips.get(name, s["a_clip"]))
+                 for name, w, s in zip(names, weights, settings, strict=True)]
+    return lowerings, clips
 
 
 def rewrite(graphs: list[GraphModule], model, quant: QuantConfig,
@@ -216,15 +218,15 @@ def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantCon
         states = [runner.start(batch, False) for batch in batches]
         return select_mlp_channels(runner, states, sparsities, prune.granularity, prune.refit)
 
-    chosen: dict[str, LinearLowering] = {}
+    chosen: dict[str, float] = {}
 
     def lowerings(gm: GraphModule) -> list[LinearLowering]:
-        chosen.update(_lowerings(gm, quant, batches))
-        return list(chosen.values())
+        lowered, clips = _lowerings(gm, quant, batches)
+        chosen.update(clips)
+        return lowered
 
     rewrite(graphs, model, quant, prunings, lowerings)
-    searched = {name: low.a_clip for name, low in chosen.items() if quant.for_linear(name)["a_clip"] == CLIP_SEARCH}
-    quant = quant.pin_clips(searched) if searched else quant
+    quant = quant.pin_clips(chosen) if chosen else quant
     for gm in graphs:
         log.info("compiled %s graph: passes %s", gm.meta["asaf_fx"]["kind"], gm.meta["asaf_fx"].get("passes", []))
     return CompiledModel(forward, graphs[1] if decode else None, model.config, quant, plan=plan,

@@ -55,14 +55,14 @@ def linear_weight_targets(runner: LayerwiseRunner, layer: int) -> list[str]:
 def quantize_layer_weights(
     runner: LayerwiseRunner, states: list[State], spec: WeightQuantSpec | Mapping[str, WeightQuantSpec | None],
     on_stats: Callable[[str, LinearStats], None] | None = None,
-    before_layer: Callable[[int, list[State]], None] | None = None,
+    before_layer: Callable[[LayerwiseRunner, int, list[State]], None] | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantize all decoder-layer linears of ``runner``'s module in place (see module docstring).
 
     ``spec`` applies to every linear, or maps weight attributes to their own spec (None, or
     missing: keep that weight in float). ``on_stats(target, stats)`` sees the input statistics
     of each GPTQ-quantized weight (calibration re-quantizes pruned weights from them).
-    ``before_layer(layer, states)`` sees each layer's input states before its weights change
+    ``before_layer(runner, layer, states)`` sees each layer's input states before its weights change
     (the activation clip search runs there, on the same inputs GPTQ sees).
     """
     module = runner.split.module
@@ -70,7 +70,7 @@ def quantize_layer_weights(
     results: dict[str, QuantizedWeight] = {}
     for layer in range(runner.num_layers):
         if before_layer is not None:
-            before_layer(layer, states)
+            before_layer(runner, layer, states)
         specs = {t: s for t in linear_weight_targets(runner, layer) if (s := spec_of(t)) is not None}
         gptq = any(s.method == "gptq" for s in specs.values())
         stats = collect_linear_stats(runner, layer, states) if gptq else {}
@@ -111,5 +111,5 @@ def quantize_decoder_weights(
     runner = LayerwiseRunner(split_decoder_layers(gm))
     states = [runner.start(batch, False) for batch in calibration]
     found = quantize_layer_weights(runner, states, {n.args[1].target: s for n, s in zip(linears, specs)}, on_stats,
-                                   None if before_layer is None else lambda layer, st: before_layer(runner, layer, st))
+                                   before_layer)
     return [found.get(n.args[1].target) for n in linears]

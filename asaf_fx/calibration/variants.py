@@ -174,8 +174,8 @@ def build_calibration_model(model: torch.nn.Module, quant: QuantConfig, calibrat
     def simulated_lowerings(gm: GraphModule) -> list[LinearLowering]:
         found["sites"] = _mlp_sites(gm, found["mlps"])  # before lowering fuses the Hadamard away
         downs = {mlp.down.args[1].target for mlp in found["mlps"]}
-        lowerings = _lowerings(gm, quant, batches, lambda t, stats: down_inputs.update({t: stats}) if t in downs else None)
-        return [LinearLowering(low.weight, None, low.a_bits, low.a_clip) for low in lowerings.values()]
+        lowerings, _ = _lowerings(gm, quant, batches, lambda t, stats: down_inputs.update({t: stats}) if t in downs else None)
+        return [LinearLowering(low.weight, None, low.a_bits, low.a_clip) for low in lowerings]
 
     rewrite([forward], model, quant, record_instead_of_pruning, simulated_lowerings)
     sites = found["sites"] if "sites" in found else _mlp_sites(forward, found["mlps"])

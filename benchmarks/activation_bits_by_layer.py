@@ -1,0 +1,43 @@
+"""Where the 4-bit activation loss sits: SmolLM2-135M with one decoder layer's linear inputs at 8 bits.
+
+    python benchmarks/activation_bits_by_layer.py [--a-clip 0.9] [--windows 4] [--layers 0,1,...]
+
+Rotated, 16-bit weights and KV cache, every decoder linear's input at 4 bits (clip ``--a-clip``)
+except those of one layer, which get 8 (``QuantConfig.overrides`` on ``model.layers.{i}.*``); the
+first line is the model with no layer at 8 bits. Evaluation: the first ``--windows`` windows of
+2048 tokens of the WikiText-2 test split. No calibration data is needed (nothing is fitted), so
+each line takes about 40 s on a 2-core CPU. A layer whose line is far below the first carries
+much of the loss; ``benchmarks/compile_ppl.py --overrides`` then measures any set of layers together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import asaf_fx
+from asaf_fx.data import perplexity, read_joined, token_windows, wikitext2_test_path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--a-clip", type=float, default=0.9)
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--layers", type=lambda s: [int(i) for i in s.split(",")], default=None,
+                        help="comma-separated layer indices (default: every layer)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    model, tokenizer = asaf_fx.load_model("smollm2")
+    test = token_windows(tokenizer, read_joined(wikitext2_test_path()), 2048, args.windows)
+    layers = range(model.config.num_hidden_layers) if args.layers is None else args.layers
+    for layer in [None, *layers]:
+        overrides = {} if layer is None else {f"model.layers.{layer}.*": {"a_bits": 8}}
+        quant = asaf_fx.QuantConfig(w_bits=16, a_bits=4, kv_bits=16, a_clip=args.a_clip, overrides=overrides)
+        cm = asaf_fx.compile(model, quant=quant, decode=False)
+        ppl = perplexity(lambda ids: cm(ids).logits, test)
+        print(f"8-bit inputs in layer {'none' if layer is None else layer}: PPL {ppl:.3f} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

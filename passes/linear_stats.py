@@ -39,6 +39,8 @@ class _Recorder(Interpreter):
     """Runs one layer submodule, adding each recorded linear's input rows to its statistics.
 
     Linears reading the same value (q/k/v, gate/up) share one statistics object, accumulated once.
+    ``add`` is the one place rows are accumulated, so an experiment can record other statistics
+    (``benchmarks/gptq_objective.py``) without copying the graph walk.
     """
 
     def __init__(self, module: GraphModule, targets: dict[str, str], stats: dict[str, LinearStats]) -> None:
@@ -54,15 +56,19 @@ class _Recorder(Interpreter):
                 self.stats.setdefault(target, self.by_input[source])
             else:
                 x = self.env[source]
-                rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-                entry = self.stats.get(target)
-                if entry is None:
-                    zeros = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
-                    entry = self.stats[target] = LinearStats(zeros)
-                entry.hessian += rows.T @ rows
-                entry.rows += rows.shape[0]
-                self.by_input[source] = entry
+                self.by_input[source] = self.add(target, x.detach().reshape(-1, x.shape[-1]))
         return super().run_node(node)
+
+    def add(self, target: str, rows: torch.Tensor) -> LinearStats:
+        """Accumulate one batch of ``target``'s input rows (rows × in_features) into its statistics."""
+        rows = rows.to(torch.float64)
+        entry = self.stats.get(target)
+        if entry is None:
+            zeros = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
+            entry = self.stats[target] = LinearStats(zeros)
+        entry.hessian += rows.T @ rows
+        entry.rows += rows.shape[0]
+        return entry
 
 
 def collect_linear_stats(runner: LayerwiseRunner, layer: int, states: list[State]) -> dict[str, LinearStats]:

@@ -23,6 +23,7 @@ from rich.console import Console
 
 import asaf_fx
 from asaf_fx.calibrate import clip_ratio
+from asaf_fx.config import CLIP_SEARCH
 from asaf_fx.data import calibration_windows, perplexity, read_joined, token_windows, wikitext2_test_path, wikitext2_valid_path
 from asaf_fx.inspection import model_totals
 from asaf_fx.sparsity_plan import uniform_plan
@@ -70,7 +71,7 @@ def main() -> None:
     line += (f" · linear FLOPs/token {totals['flops']:.4g} · decoder weight bytes {totals['weight_bytes']:.4g} · "
              f"compile {spent:.0f} s")
     console.print(line)
-    if args.a_clip == "mse":  # compile pinned each chosen ratio as an override: how they spread, by linear kind
+    if args.a_clip == CLIP_SEARCH:  # compile pinned each chosen ratio as an override: how they spread, by linear kind
         chosen: dict[str, Counter] = {}
         for name, settings in ((n, s) for n, s in cm.quant.overrides.items() if n not in args.overrides):
             chosen.setdefault(name.split(".")[-2], Counter())[settings["a_clip"]] += 1

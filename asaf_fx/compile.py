@@ -226,7 +226,7 @@ def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantCon
         return lowered
 
     rewrite(graphs, model, quant, prunings, lowerings)
-    quant = quant.pin_clips(chosen) if chosen else quant
+    quant = quant.pin({name: {"a_clip": float(clip)} for name, clip in chosen.items()}) if chosen else quant
     for gm in graphs:
         log.info("compiled %s graph: passes %s", gm.meta["asaf_fx"]["kind"], gm.meta["asaf_fx"].get("passes", []))
     return CompiledModel(forward, graphs[1] if decode else None, model.config, quant, plan=plan,

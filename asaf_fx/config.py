@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
@@ -50,7 +51,7 @@ class QuantConfig:
         a_clip: activation clip ratio: per-token range = a_clip · max|x| (1 = none); or "mse": each
             linear's ratio is chosen from 1.0, 0.95, ..., 0.5 by the squared error of its output
             on the calibration data (needs calibration=; the compiled model's ``quant`` then
-            lists the chosen ratios as overrides, see ``pin_clips``).
+            lists the chosen ratios as overrides, see ``pin``).
         rotate: apply QuaRot-style rotations (residual stream, online Hadamards before down_proj and
             o_proj, head-wise V/O, online Q/K after RoPE). Function-preserving on its own.
         rotation: residual rotation, "hadamard" (random-sign Hadamard) or "orthogonal" (random).
@@ -119,15 +120,16 @@ class QuantConfig:
             raise ValueError(f"{owner}.w_method={merged['w_method']!r}: must be one of {_W_METHODS}")
         return merged
 
-    def pin_clips(self, clips: dict[str, float]) -> QuantConfig:
-        """This config with each named linear's activation clip fixed to ``clips[name]``.
+    def pin(self, settings: Mapping[str, Mapping[str, Any]]) -> QuantConfig:
+        """This config with each named linear's settings changed by ``settings[name]``.
 
         The pins are overrides of the linears' full settings, placed before the user's patterns
-        (first match wins), so the result quantizes every linear as this config did, with no
-        search left to run: what ``compile`` returns after ``a_clip="mse"`` and what a
-        checkpoint stores.
+        (first match wins), so every other setting of a pinned linear stays what this config
+        gives it. ``compile`` pins the ratios an ``a_clip="mse"`` search chose (its result and a
+        checkpoint then quantize with no search left to run); choosing 8-bit layers pins
+        ``a_bits``.
         """
-        pinned = {glob.escape(name): {**self.for_linear(name), "a_clip": float(clip)} for name, clip in clips.items()}
+        pinned = {glob.escape(name): {**self.for_linear(name), **change} for name, change in settings.items()}
         return replace(self, overrides={**pinned, **{p: s for p, s in self.overrides.items() if p not in pinned}})
 
     def to_dict(self) -> dict[str, Any]:

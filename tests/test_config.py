@@ -74,8 +74,14 @@ def test_version_3_configs_load_and_pinned_clips_override_every_pattern():
     assert QuantConfig.from_dict({"version": 3, "w_bits": 4, "a_clip": 0.9}) == QuantConfig(w_bits=4, a_clip=0.9)
     searched = QuantConfig(w_bits=4, a_bits=4, a_clip="mse", overrides={"*.down_proj.weight": {"a_bits": 8}})
     down, odd = "model.layers.0.mlp.down_proj.weight", "model.layers.[1].mlp.down_proj.weight"
-    pinned = searched.pin_clips({down: 0.75, odd: 0.8})
+    pinned = searched.pin({down: {"a_clip": 0.75}, odd: {"a_clip": 0.8}})
     assert pinned.for_linear(down) == {**searched.for_linear(down), "a_clip": 0.75}  # a_bits 8 kept
     assert pinned.for_linear(odd)["a_clip"] == 0.8  # a name is matched literally, brackets and all
     assert pinned.for_linear("model.layers.2.mlp.down_proj.weight")["a_clip"] == "mse"
     assert QuantConfig.from_dict(json.loads(json.dumps(pinned.to_dict()))) == pinned
+    up = "model.layers.0.mlp.up_proj.weight"
+    raised = pinned.pin({up: {"a_bits": 8}, down: {"a_bits": 4}})  # pins compose: the earlier clip stays
+    assert raised.for_linear(up) == {**pinned.for_linear(up), "a_bits": 8}
+    assert raised.for_linear(down) == {**pinned.for_linear(down), "a_bits": 4, "a_clip": 0.75}
+    with pytest.raises(ValueError, match="unknown settings"):
+        pinned.pin({up: {"kv_bits": 8}})

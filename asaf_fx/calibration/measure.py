@@ -14,11 +14,13 @@ calibration batch) a measurement costs, which is what the calibration's time is 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from asaf_fx.calibration.variants import CalibrationModel
+from asaf_fx.passes.layerwise import State
 
 METRICS = ("ppl", "kl")
 
@@ -58,14 +60,19 @@ class DegradationMeter:
         """ξ with layer i pruned at level ``assignment[i]`` for each key, the rest unpruned."""
         if not assignment:
             return 0.0
-        runner = self.model.runner
-        first = min(assignment)
         variants = {layer: self.model.variant(layer, level) for layer, level in assignment.items()}
+        runner = self.model.runner
+        return self.degradation(min(assignment), lambda layer, state: runner.run_layer(layer, state,
+                                                                                       replace=variants.get(layer)))
+
+    def degradation(self, first: int, run_layer: Callable[[int, State], State]) -> float:
+        """ξ of a model that runs layer i as ``run_layer(i, state)`` for i ≥ ``first``; layers
+        before ``first`` must be the base model's (their outputs are reused)."""
         nll, kl = 0.0, 0.0
         for index, batch in enumerate(self.batches):
             state = self._inputs[first][index]
-            for layer in range(first, runner.num_layers):
-                state = runner.run_layer(layer, state, replace=variants.get(layer))
+            for layer in range(first, self.model.num_layers):
+                state = run_layer(layer, state)
                 self.layer_forwards += 1
             logits = self._logits(state)
             if self.metric == "kl":

@@ -1,11 +1,13 @@
 """python -m asaf_fx run --model smollm2|PATH --out DIR [--max-degradation 0.01]
 
-End to end: calibrate a sensitivity table, solve a plan within the budget (a layer is pruned at one
-of the table's levels or left dense), compile the plan with
-rotation and quantization, and measure it on held-out text. When the measured degradation
+End to end: optionally choose the decoder layers whose inputs get 8 instead of 4 bits
+(``--a8-layers``, by each layer's measured gain), calibrate a sensitivity table, solve a plan
+within the budget (a layer is pruned at one of the table's levels or left dense), compile the
+plan with rotation and quantization, and measure it on held-out text. When the measured degradation
 (ppl_asaf / ppl_base − 1 on the evaluation windows) exceeds the budget, the solver's budget is
 tightened to δ · budget / measured · 0.9 and the plan solved and compiled again, at most --rounds
-times. Writes DIR/table.safetensors, DIR/plan.json, DIR/model (asaf_fx.load) and DIR/summary.json.
+times. Writes DIR/table.safetensors, DIR/plan.json, DIR/model (asaf_fx.load), DIR/summary.json and,
+with --a8-layers, DIR/activation_gains.json.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from asaf_fx import calibrate
 from asaf_fx._atomic import write_text_atomic
 from asaf_fx._cli import int_at_least
+from asaf_fx.calibration.activation_bits import ActivationGains, measure_activation_gains
 from asaf_fx.calibration.entries import MODES
 from asaf_fx.checkpoint import save
 from asaf_fx.compile import compile as compile_model
-from asaf_fx.config import PruneConfig
+from asaf_fx.config import PruneConfig, QuantConfig
 from asaf_fx.data import (DATA_ENV, calibration_windows, data_dir, perplexity, token_windows, wikitext2_test_path,
                           wikitext2_valid_path)
 from asaf_fx.evaluate import read_text, seed_everything
@@ -73,6 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=MODES, default="per-layer", help="calibration mode (default per-layer)")
     parser.add_argument("--max-length", type=int_at_least(1), help="longest measured group in --mode groups")
     calibrate.add_quant_arguments(parser)
+    parser.add_argument("--a8-layers", type=int_at_least(0), default=0, metavar="K",
+                        help="raise the inputs of the K decoder layers that gain most from it (each layer measured "
+                             "on calibration text) from 4 to 8 bits; 0: none (default)")
     parser.add_argument("--granularity", type=int_at_least(1), default=32, help="channels removed per block (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="window choice and rotations (default 0)")
     args = parser.parse_args(argv)
@@ -146,6 +153,43 @@ def table_for(args: argparse.Namespace, cal_args: argparse.Namespace, loaded, te
     return calibrate.run(cal_args, console, loaded=loaded)
 
 
+def activation_bits_for(args: argparse.Namespace, loaded, text: Path, console: Console) -> tuple[QuantConfig, dict[str, Any]]:
+    """``args.quant`` with the ``--a8-layers`` layers that gain most at 8 bits; and what to report.
+
+    The gains are measured like the table's ξ (fitted on the first ``--windows`` calibration
+    windows, measured on as many others) and kept in DIR/activation_gains.json, which a rerun with
+    the same settings reuses.
+    """
+    num_layers = loaded[0].config.num_hidden_layers
+    if args.a8_layers > num_layers:
+        raise ValueError(f"--a8-layers {args.a8_layers}: the model has only {num_layers} decoder layers")
+    path = args.out / "activation_gains.json"
+    wanted = {k: v for k, v in calibrate.fingerprint(calibration_args(args, text), loaded[0], text).items()
+              if k not in ("sparsities", "granularity")}
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("fingerprint") != wanted:
+            raise ValueError(f"{path} was measured with other settings (model, text, windows or quantization); "
+                             "delete it or choose another --out")
+        gains = ActivationGains.from_dict(saved)
+        console.print(f"reusing the measured activation gains {path}")
+    else:
+        model, tokenizer = loaded
+        windows = calibration_windows(tokenizer, text, 2 * args.windows, args.cal_seq_len, seed=args.seed)
+        with Progress(TextColumn("[bold]8-bit gain per layer"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as bar:
+            task = bar.add_task("measure", total=num_layers)
+            gains = measure_activation_gains(model, args.quant, windows[: args.windows], windows[args.windows:],
+                                             on_layer=lambda *_: bar.advance(task))
+        write_text_atomic(path, json.dumps({**gains.to_dict(), "fingerprint": wanted}, indent=2) + "\n")
+    layers, quant = gains.choose(args.quant, args.a8_layers)
+    console.print(f"8-bit inputs in {len(layers)} of {len(gains.gains)} layers ({', '.join(map(str, layers)) or 'none'}): "
+                  f"the {args.a8_layers} with the largest measured gain"
+                  + (f"; only {len(layers)} help at all" if len(layers) < args.a8_layers else ""))
+    return quant, {"bits": 8, "asked": args.a8_layers, "layers": layers, "gains": gains.gains,
+                   "file": path.name}
+
+
 def fp16_bytes(totals: dict[str, float]) -> int:
     """Bytes of the decoder linears' weights in 16 bits: 2 per weight, and dense FLOPs are 2 per weight."""
     return int(totals["dense_flops"])
@@ -183,6 +227,10 @@ def run(args: argparse.Namespace, console: Console) -> Result:
     every = (f" (every whole window: each of the ≥ 4 models evaluated takes {eval_ids.shape[0] / DEFAULT_EVAL_WINDOWS:.0f}× "
              f"as long as with the default {DEFAULT_EVAL_WINDOWS})" if not args.eval_windows else "")
     console.print(f"evaluating on {eval_ids.shape[0]} windows × {args.seq_len} tokens of {eval_text}{every}")
+    activation_bits = None
+    if args.a8_layers:
+        args.quant, activation_bits = activation_bits_for(args, (model, tokenizer), text, console)
+        args.overrides = args.quant.overrides  # the table is measured on the mixed-precision model
     cal_args = calibration_args(args, text)
     table = table_for(args, cal_args, (model, tokenizer), text, console)
     cal_ids = calibration_windows(tokenizer, text, args.windows, args.cal_seq_len, seed=args.seed)
@@ -259,7 +307,8 @@ def run(args: argparse.Namespace, console: Console) -> Result:
         "base_bytes": int(base_totals["weight_bytes"]), "asaf_bytes": int(asaf_totals["weight_bytes"]),
         "eval_text": str(eval_text), "eval_windows": int(eval_ids.shape[0]), "seq_len": args.seq_len,
         "calibration_text": str(text), "calibration_windows": args.windows, "calibration_seq_len": args.cal_seq_len,
-        "quant": args.quant.to_dict(), "granularity": args.granularity, "table_health": table.meta.get("health"),
+        "quant": args.quant.to_dict(), "activation_bits": activation_bits, "granularity": args.granularity,
+        "table_health": table.meta.get("health"),
         "rounds": rounds,
         "files": {"table": "table.safetensors", "plan": "plan.json", "model": "model"},
         "time_s": round(time.perf_counter() - started, 1),
@@ -274,7 +323,9 @@ def render(summary: dict[str, Any], console: Console) -> None:
     for column in ("model", "perplexity", "FLOPs ×", "weight bytes"):
         grid.add_column(column, justify="left" if column == "model" else "right")
     grid.add_row("16-bit", f"{summary['ppl_fp']:.4f}", "1", f"{summary['fp16_bytes']:,}")
-    grid.add_row("rotated-quantized", f"{summary['ppl_base']:.4f}", "1", f"{summary['base_bytes']:,}")
+    raised = (summary.get("activation_bits") or {}).get("layers")
+    base = "rotated-quantized" + (f" (8-bit inputs in {len(raised)} layers)" if raised else "")
+    grid.add_row(base, f"{summary['ppl_base']:.4f}", "1", f"{summary['base_bytes']:,}")
     grid.add_row("+ uniform sparsity", f"{summary['ppl_uniform']:.4f}", f"{summary['uniform_flops_ratio']:.4f}", "")
     grid.add_row("+ ASAF plan", f"{summary['ppl_asaf']:.4f}", f"{summary['flops_ratio']:.4f}",
                  f"{summary['asaf_bytes']:,}")

@@ -203,6 +203,8 @@ def test_bad_inputs_name_the_problem(generous, inputs, tmp_path, capsys):
         (argv(inputs, tmp_path / "d2", "--eval-windows", "0", "--seq-len", "100000"), "shorter than one window"),
         (argv({**inputs, "eval": inputs["text"]}, tmp_path / "e"), "both the calibration and the evaluation"),
         (argv(inputs, clash, "--seed", "1"), "other settings"),
+        (argv(inputs, tmp_path / "f", "--a8-layers", "5"), "only 4 decoder layers"),
+        (argv(inputs, tmp_path / "g", "--a8-layers", "2", "--a-bits", "8"), "nothing to raise to 8 bits"),
     ]
     for args, message in cases:
         assert entry.main(["run", *args]) == 2
@@ -256,3 +258,26 @@ def test_eval_windows_zero_evaluates_every_whole_window(inputs, tmp_path):
     result, printed = run(argv(inputs, tmp_path / "out", "--eval-windows", "0", "--max-degradation", "10", "--rounds", "1"))
     assert result.summary["eval_windows"] == tokens // 64 > 2
     assert f"evaluating on {tokens // 64} windows" in printed and "every whole window" in printed
+
+
+def test_a8_layers_raise_the_most_helped_layers_everywhere_and_gains_are_reused(inputs, tmp_path):
+    out = tmp_path / "out"
+    result, printed = run(argv(inputs, out, "--max-degradation", "10", "--a-clip", "0.9", "--a8-layers", "2"))
+    summary = result.summary
+    saved = json.loads((out / "activation_gains.json").read_text())
+    assert summary["activation_bits"]["gains"] == saved["gains"] and len(saved["gains"]) == 4
+    helping = sorted(range(4), key=lambda i: saved["gains"][i])[:2]
+    chosen = summary["activation_bits"]["layers"]
+    assert chosen == sorted(i for i in helping if saved["gains"][i] < 0)
+    assert chosen  # this seed's model has layers that gain from 8 bits (and layers that lose)
+    raised = {name for i in chosen for name in saved["linears"][i]}
+    loaded = asaf_fx.load(out / "model")
+    for names in saved["linears"]:
+        for name in names:
+            assert loaded.quant.for_linear(name)["a_bits"] == (8 if name in raised else 4)
+    assert asaf_fx.SensitivityTable.load(out / "table.safetensors").meta["quant"] == summary["quant"]
+    assert f"8-bit inputs in {len(chosen)} of 4 layers" in printed
+    again, printed = run(argv(inputs, out, "--max-degradation", "10", "--a-clip", "0.9", "--a8-layers", "2"))
+    assert "reusing the measured activation gains" in printed and "reusing the finished table" in printed
+    assert again.summary["activation_bits"] == summary["activation_bits"]
+    assert again.summary["ppl_base"] == summary["ppl_base"]

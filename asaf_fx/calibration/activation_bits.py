@@ -1,9 +1,9 @@
 """Which decoder layers get 8-bit activations: each layer's measured gain, and the choice.
 
 At W4A4 a small model loses most of its accuracy to the 4-bit activations, and not evenly: on
-SmolLM2-135M one layer's inputs at 8 bits lower the perplexity by 2–8 % depending on the layer
+SmolLM2-135M one layer's inputs at 8 bits lower the perplexity by 0–8 % depending on the layer
 (README, "Measured on SmolLM2-135M"). :func:`measure_activation_gains` measures, for every layer
-l, ξ_l: the degradation (negative: the improvement) of the rotated-quantized model when the inputs
+l, ξ_l: the relative perplexity change (negative: the improvement) of the rotated-quantized model when the inputs
 of l's linears are quantized to 8 bits instead, on held-out calibration windows — the same
 quantity, meter and windows as the sparsity table's ξ. The variant of a layer is its lowered
 graph with the activation quantizers at other bits (``passes/activation_bits.py``); its weights
@@ -38,15 +38,13 @@ class ActivationGains:
     """ξ of each decoder layer with its linears' inputs at 8 bits (negative: the model improves).
 
     Attributes:
-        gains: ξ per layer, in the unit of ``metric``.
+        gains: ξ per layer, the relative perplexity change (the sign matters: a KL to the base
+            model could not tell a layer that helps from one that hurts).
         linears: the weight names of each layer's linears (what a QuantConfig override names).
-        metric: "ppl" (relative perplexity change) or "kl" (KL to the base model: not signed, so
-            only "ppl" can tell a layer that helps from one that does not).
     """
 
     gains: list[float]
     linears: list[list[str]]
-    metric: str = "ppl"
 
     def choose(self, quant: QuantConfig, count: int) -> tuple[list[int], QuantConfig]:
         """The (at most) ``count`` layers with the most negative ξ, ascending, and ``quant`` with
@@ -55,24 +53,20 @@ class ActivationGains:
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(self.gains):
             raise ValueError(f"count={count!r}: choose between 0 and {len(self.gains)} layers")
         ranked = sorted(range(len(self.gains)), key=lambda layer: (self.gains[layer], layer))
-        helping = [layer for layer in ranked if self.gains[layer] < 0] if self.metric == "ppl" else ranked
-        layers = sorted(helping[:count])
+        layers = sorted([layer for layer in ranked if self.gains[layer] < 0][:count])
         return layers, quant.pin({name: {"a_bits": BITS} for layer in layers for name in self.linears[layer]})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bits": BITS, "gains": list(self.gains), "linears": [list(n) for n in self.linears],
-                "metric": self.metric}
+        return {"bits": BITS, "gains": list(self.gains), "linears": [list(n) for n in self.linears]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ActivationGains:
         if data.get("bits") != BITS:
             raise ValueError(f"activation gains measured at {data.get('bits')!r} bits; this version raises inputs to {BITS}")
-        return cls([float(g) for g in data["gains"]], [list(n) for n in data["linears"]],
-                   str(data["metric"]))
+        return cls([float(g) for g in data["gains"]], [list(n) for n in data["linears"]])
 
 
 def measure_activation_gains(model: torch.nn.Module, quant: QuantConfig, calibration, held_out, *,
-                             metric: str = "ppl",
                              on_layer: Callable[[int, float], None] | None = None) -> ActivationGains:
     """Measure every decoder layer's ξ with its linears' inputs at 8 bits (see the module docstring).
 
@@ -90,7 +84,7 @@ def measure_activation_gains(model: torch.nn.Module, quant: QuantConfig, calibra
     runner = cal.runner
     linears = [linear_weight_targets(runner, layer) for layer in range(runner.num_layers)]
     meter = DegradationMeter(cal, calibration_batches(held_out, getattr(model.config, "max_position_embeddings", None)),
-                             metric)
+                             "ppl")
     gains = []
     for layer in range(runner.num_layers):
         raised, _ = with_activation_bits(runner.layer_module(layer), BITS)
@@ -102,5 +96,5 @@ def measure_activation_gains(model: torch.nn.Module, quant: QuantConfig, calibra
         gains.append(meter.degradation(layer, run_layer))
         if on_layer is not None:
             on_layer(layer, gains[-1])
-    return ActivationGains(gains, linears, metric)
+    return ActivationGains(gains, linears)
 

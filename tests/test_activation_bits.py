@@ -67,11 +67,13 @@ def test_each_gain_is_the_perplexity_change_compile_gives_with_that_layer_at_8_b
 def test_choose_takes_the_most_helped_layers_and_only_those_that_help():
     names = [[f"model.layers.{i}.mlp.up_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"] for i in range(4)]
     gains = ActivationGains([0.01, -0.05, -0.02, 0.0], names)
-    base = asaf_fx.QuantConfig(w_bits=4, a_bits=4, overrides={"*.down_proj.weight": {"w_bits": 8}})
+    base = asaf_fx.QuantConfig(w_bits=4, a_bits=4, overrides={"*.down_proj.weight": {"w_bits": 8},
+                                                              "model.layers.1.mlp.up_proj.weight": {"a_bits": 16}})
     layers, quant = gains.choose(base, 3)
     assert layers == [1, 2]  # layers 0 and 3 do not help
     assert gains.choose(base, 1)[0] == [1]
-    assert quant.for_linear(names[1][0])["a_bits"] == 8
+    assert quant.for_linear(names[1][1])["a_bits"] == 8
+    assert quant.for_linear(names[1][0])["a_bits"] == 16  # a 16-bit input is not lowered to 8
     assert quant.for_linear(names[2][1]) == {**base.for_linear(names[2][1]), "a_bits": 8}  # w_bits 8 kept
     assert quant.for_linear(names[0][0])["a_bits"] == 4
     assert gains.choose(base, 0) == ([], base)

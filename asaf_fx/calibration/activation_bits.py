@@ -48,13 +48,15 @@ class ActivationGains:
 
     def choose(self, quant: QuantConfig, count: int) -> tuple[list[int], QuantConfig]:
         """The (at most) ``count`` layers with the most negative ξ, ascending, and ``quant`` with
-        every linear of those layers at 8 bits (pinned, keeping its other settings). Layers whose
+        the 4-bit inputs of those layers at 8 bits (pinned, keeping the other settings; a 16-bit
+        input stays 16-bit, as in the measured variant). Layers whose
         ξ is not negative are never chosen: their measured gain is nothing or noise."""
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(self.gains):
             raise ValueError(f"count={count!r}: choose between 0 and {len(self.gains)} layers")
         ranked = sorted(range(len(self.gains)), key=lambda layer: (self.gains[layer], layer))
         layers = sorted([layer for layer in ranked if self.gains[layer] < 0][:count])
-        return layers, quant.pin({name: {"a_bits": BITS} for layer in layers for name in self.linears[layer]})
+        raised = [name for layer in layers for name in self.linears[layer] if quant.for_linear(name)["a_bits"] < BITS]
+        return layers, quant.pin({name: {"a_bits": BITS} for name in raised})
 
     def to_dict(self) -> dict[str, Any]:
         return {"bits": BITS, "gains": list(self.gains), "linears": [list(n) for n in self.linears]}

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as ProgressBar
 from rich.table import Table
 
 from asaf_fx import calibrate
@@ -32,6 +33,7 @@ from asaf_fx._atomic import write_text_atomic
 from asaf_fx._cli import int_at_least
 from asaf_fx.calibration.activation_bits import ActivationGains, measure_activation_gains
 from asaf_fx.calibration.entries import MODES
+from asaf_fx.calibration.progress import Progress
 from asaf_fx.checkpoint import save
 from asaf_fx.compile import compile as compile_model
 from asaf_fx.config import PruneConfig, QuantConfig
@@ -158,7 +160,7 @@ def activation_bits_for(args: argparse.Namespace, loaded, text: Path, console: C
 
     The gains are measured like the table's ξ (fitted on the first ``--windows`` calibration
     windows, measured on as many others) and kept in DIR/activation_gains.json, which a rerun with
-    the same settings reuses.
+    the same settings reuses; an interrupted measurement resumes from its progress file.
     """
     num_layers = loaded[0].config.num_hidden_layers
     if args.a8_layers > num_layers:
@@ -176,12 +178,20 @@ def activation_bits_for(args: argparse.Namespace, loaded, text: Path, console: C
     else:
         model, tokenizer = loaded
         windows = calibration_windows(tokenizer, text, 2 * args.windows, args.cal_seq_len, seed=args.seed)
-        with Progress(TextColumn("[bold]8-bit gain per layer"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console) as bar:
-            task = bar.add_task("measure", total=num_layers)
+        progress = Progress(path.with_name(path.name + ".progress.json"), wanted)  # entries (layer, 1, 8)
+        known = {layer: value for (layer, _, _), value in progress.values.items()}
+        with ProgressBar(TextColumn("[bold]8-bit gain per layer"), BarColumn(), MofNCompleteColumn(),
+                         TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task("measure", total=num_layers, completed=len(known))
+
+            def record(layer: int, value: float) -> None:
+                progress.record((layer, 1, 8), value)
+                bar.advance(task)
+
             gains = measure_activation_gains(model, args.quant, windows[: args.windows], windows[args.windows:],
-                                             on_layer=lambda *_: bar.advance(task))
+                                             known=known, on_layer=record)
         write_text_atomic(path, json.dumps({**gains.to_dict(), "fingerprint": wanted}, indent=2) + "\n")
+        progress.path.unlink()
     layers, quant = gains.choose(args.quant, args.a8_layers)
     console.print(f"8-bit inputs in {len(layers)} of {len(gains.gains)} layers ({', '.join(map(str, layers)) or 'none'}): "
                   f"the {args.a8_layers} with the largest measured gain"

@@ -281,3 +281,31 @@ def test_a8_layers_raise_the_most_helped_layers_everywhere_and_gains_are_reused(
     assert "reusing the measured activation gains" in printed and "reusing the finished table" in printed
     assert again.summary["activation_bits"] == summary["activation_bits"]
     assert again.summary["ppl_base"] == summary["ppl_base"]
+
+
+def test_an_interrupted_gain_measurement_resumes_to_the_same_gains(inputs, tmp_path, monkeypatch):
+    real, measured = pipeline.measure_activation_gains, []
+
+    def interrupted_after(count):
+        def measure(*args, on_layer, **kwargs):
+            def on(layer, value):
+                on_layer(layer, value)
+                measured.append(layer)
+                if len(measured) == count:
+                    raise KeyboardInterrupt
+            return real(*args, on_layer=on, **kwargs)
+        return measure
+
+    flags = ("--max-degradation", "10", "--a-clip", "0.9", "--a8-layers", "2")
+    reference, _ = run(argv(inputs, tmp_path / "whole", *flags))
+    measured.clear()
+    monkeypatch.setattr(pipeline, "measure_activation_gains", interrupted_after(3))
+    with pytest.raises(KeyboardInterrupt):
+        run(argv(inputs, tmp_path / "cut", *flags))
+    assert not (tmp_path / "cut" / "activation_gains.json").exists()
+    measured.clear()
+    monkeypatch.setattr(pipeline, "measure_activation_gains", interrupted_after(99))
+    resumed, _ = run(argv(inputs, tmp_path / "cut", *flags))
+    assert measured == [3]  # layers 0-2 came from the progress file
+    assert resumed.summary["activation_bits"] == reference.summary["activation_bits"]
+    assert not list((tmp_path / "cut").glob("*.progress.json"))

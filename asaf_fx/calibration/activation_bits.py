@@ -17,7 +17,7 @@ gains), so the choice ranks layers rather than predicting the mixed model's perp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +69,7 @@ class ActivationGains:
 
 
 def measure_activation_gains(model: torch.nn.Module, quant: QuantConfig, calibration, held_out, *,
+                             known: Mapping[int, float] | None = None,
                              on_layer: Callable[[int, float], None] | None = None) -> ActivationGains:
     """Measure every decoder layer's ξ with its linears' inputs at 8 bits (see the module docstring).
 
@@ -77,6 +78,7 @@ def measure_activation_gains(model: torch.nn.Module, quant: QuantConfig, calibra
         quant: the base config; some decoder linear's input must be at 4 bits.
         calibration: token ids GPTQ (and an ``a_clip="mse"`` search) are fitted on, as for ``compile``.
         held_out: other token ids, the ξ are measured on; never the evaluation text.
+        known: ξ of layers measured before (an interrupted run's progress): not measured again.
         on_layer: called with (layer, ξ) after each measurement (progress).
     """
     if quant.a_bits != 4 and not any(s.get("a_bits") == 4 for s in quant.overrides.values()):
@@ -87,8 +89,12 @@ def measure_activation_gains(model: torch.nn.Module, quant: QuantConfig, calibra
     linears = [linear_weight_targets(runner, layer) for layer in range(runner.num_layers)]
     meter = DegradationMeter(cal, calibration_batches(held_out, getattr(model.config, "max_position_embeddings", None)),
                              "ppl")
+    known = dict(known or {})
     gains = []
     for layer in range(runner.num_layers):
+        if layer in known:
+            gains.append(float(known[layer]))
+            continue
         raised, _ = with_activation_bits(runner.layer_module(layer), BITS)
 
         def run_layer(index, state, raised=raised, layer=layer):

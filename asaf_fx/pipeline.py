@@ -31,7 +31,7 @@ from rich.table import Table
 from asaf_fx import calibrate
 from asaf_fx._atomic import write_text_atomic
 from asaf_fx._cli import int_at_least
-from asaf_fx.calibration.activation_bits import ActivationGains, measure_activation_gains
+from asaf_fx.calibration.activation_bits import BITS, ActivationGains, measure_activation_gains
 from asaf_fx.calibration.entries import MODES
 from asaf_fx.calibration.progress import Progress
 from asaf_fx.checkpoint import save
@@ -178,14 +178,14 @@ def activation_bits_for(args: argparse.Namespace, loaded, text: Path, console: C
     else:
         model, tokenizer = loaded
         windows = calibration_windows(tokenizer, text, 2 * args.windows, args.cal_seq_len, seed=args.seed)
-        progress = Progress(path.with_name(path.name + ".progress.json"), wanted)  # entries (layer, 1, 8)
+        progress = Progress(path.with_name(path.name + ".progress.json"), wanted)  # entries (layer, 1, BITS)
         known = {layer: value for (layer, _, _), value in progress.values.items()}
         with ProgressBar(TextColumn("[bold]8-bit gain per layer"), BarColumn(), MofNCompleteColumn(),
                          TimeElapsedColumn(), console=console) as bar:
             task = bar.add_task("measure", total=num_layers, completed=len(known))
 
             def record(layer: int, value: float) -> None:
-                progress.record((layer, 1, 8), value)
+                progress.record((layer, 1, BITS), value)
                 bar.advance(task)
 
             gains = measure_activation_gains(model, args.quant, windows[: args.windows], windows[args.windows:],
@@ -196,7 +196,7 @@ def activation_bits_for(args: argparse.Namespace, loaded, text: Path, console: C
     console.print(f"8-bit inputs in {len(layers)} of {len(gains.gains)} layers ({', '.join(map(str, layers)) or 'none'}): "
                   f"the {args.a8_layers} with the largest measured gain"
                   + (f"; only {len(layers)} help at all" if len(layers) < args.a8_layers else ""))
-    return quant, {"bits": 8, "asked": args.a8_layers, "layers": layers, "gains": gains.gains,
+    return quant, {"bits": BITS, "asked": args.a8_layers, "layers": layers, "gains": gains.gains,
                    "file": path.name}
 
 

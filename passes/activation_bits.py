@@ -24,17 +24,15 @@ ops = torch.ops.asaf_fx
 QUANTIZERS = (ops.quantize_per_token, ops.hadamard_rotate_quantize)
 
 
-def with_activation_bits(gm: GraphModule, bits: int) -> tuple[GraphModule, int]:
-    """``gm`` copied with every activation quantizer at ``bits`` (4 or 8); also returns how many there are."""
+def with_activation_bits(gm: GraphModule, bits: int) -> GraphModule:
+    """``gm`` copied with every activation quantizer at ``bits`` (4 or 8)."""
     if bits not in (4, 8):
         raise ValueError(f"activation bits must be 4 or 8 (16: leave the input unquantized), got {bits!r}")
     graph = copy.deepcopy(gm.graph)
-    count = 0
     for node in graph.nodes:
         if is_op(node, *QUANTIZERS):
             index = [a.name for a in node.target._schema.arguments].index("bits")
             node.args = (*node.args[:index], bits, *node.args[index + 1:])
-            count += 1
     copied = GraphModule(gm, graph, class_name=type(gm).__name__)
     copied.meta.update(gm.meta)
-    return copied, count
+    return copied

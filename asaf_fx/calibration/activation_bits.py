@@ -49,8 +49,8 @@ class ActivationGains:
     def choose(self, quant: QuantConfig, count: int) -> tuple[list[int], QuantConfig]:
         """The (at most) ``count`` layers with the most negative ξ, ascending, and ``quant`` with
         the 4-bit inputs of those layers at 8 bits (pinned, keeping the other settings; a 16-bit
-        input stays 16-bit, as in the measured variant). Layers whose
-        ξ is not negative are never chosen: their measured gain is nothing or noise."""
+        input stays 16-bit, as in the measured variant). Layers whose ξ is not negative are never
+        chosen: their measured gain is nothing or noise."""
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(self.gains):
             raise ValueError(f"count={count!r}: choose between 0 and {len(self.gains)} layers")
         ranked = sorted(range(len(self.gains)), key=lambda layer: (self.gains[layer], layer))
@@ -95,7 +95,7 @@ def measure_activation_gains(model: torch.nn.Module, quant: QuantConfig, calibra
         if layer in known:
             gains.append(float(known[layer]))
             continue
-        raised, _ = with_activation_bits(runner.layer_module(layer), BITS)
+        raised = with_activation_bits(runner.layer_module(layer), BITS)
 
         def run_layer(index, state, raised=raised, layer=layer):
             call = (lambda _, args: raised(*args)) if index == layer else None

@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-sparsity", type=float, default=0.15)
     parser.add_argument("--resolution", type=float, default=None, help="budget quantum (default δ/1000)")
     parser.add_argument("--method", choices=METHODS, default="exact")
+    parser.add_argument("--allow-dense", action="store_true",
+                        help="a group may also stay unpruned, as in `python -m asaf_fx run`; without it every "
+                             "layer is pruned at --min-sparsity or more")
     parser.add_argument("--out", help="write the plan as JSON here")
     return parser.parse_args(argv)
 
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             max_sparsity=args.max_sparsity,
             resolution=args.resolution,
             method=args.method,
+            allow_dense=args.allow_dense,
         )
     except (InfeasibleError, ValueError, FileNotFoundError) as exc:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}")

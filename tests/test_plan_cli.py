@@ -27,8 +27,22 @@ def test_cli_reports_infeasible_budget_without_traceback(tmp_path, capsys):
     synthetic_table(8).save(table_path)
     assert main([str(table_path), "--max-degradation", "0.00001", "--out", str(tmp_path / "p.json")]) == 2
     err = capsys.readouterr().err
-    assert "smallest achievable degradation" in err
+    assert "smallest achievable degradation" in err and "--allow-dense" in err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_cli_allow_dense_keeps_the_layers_the_budget_cannot_pay_for(tmp_path):
+    table_path = tmp_path / "table.safetensors"
+    table = synthetic_table(8)
+    table.save(table_path)
+    budget = float(table.degradation[:, 0, 0].min()) * 1.5  # one single-layer prune at the lowest level fits
+    out = tmp_path / "p.json"
+    assert main([str(table_path), "--max-degradation", str(budget), "--out", str(out)]) == 2
+    assert main([str(table_path), "--max-degradation", str(budget), "--allow-dense", "--out", str(out)]) == 0
+    plan = Plan.from_json(out.read_text(), num_layers=8)
+    pruned = [g for g in plan.groups if g.sparsity > 0]
+    assert pruned and len(pruned) < len(plan.groups)  # some layers pruned, the rest left dense
+    assert 0 < plan.predicted_degradation <= budget and plan.flops_ratio < 1
 
 
 def test_cli_runs_as_a_module(tmp_path):

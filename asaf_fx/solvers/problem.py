@@ -183,6 +183,7 @@ def raise_infeasible(problem: Problem, method: str) -> None:
     raise InfeasibleError(
         f"solve({method}): no plan fits max_degradation={problem.max_degradation:g}; the smallest achievable "
         f"degradation with {window} is {lowest:.6g}. Raise the budget or lower min_sparsity"
+        + ("" if problem.allow_dense else ", or let groups stay unpruned (allow_dense=True; --allow-dense)")
     )
 
 

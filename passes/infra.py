@@ -61,7 +61,12 @@ def propagate_shapes(gm: GraphModule, example_inputs: Sequence[Any] | None = Non
     if example_inputs is None:
         raise ValueError("no example inputs to propagate shapes with; capture the graph with asaf_fx.passes.capture")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    FakeTensorProp(gm, mode).propagate(*example_inputs)
+    # Autograd runs above the fake mode and sees the real tensors the graph reads. With grad on, the
+    # decode graph's index_copy_ into its real static-cache tensors gives them a backward graph that
+    # reaches the weights, and every later propagation chains onto it: the model's parameters and
+    # each pass's weights would stay alive as long as the compiled model.
+    with torch.no_grad():
+        FakeTensorProp(gm, mode).propagate(*example_inputs)
 
 
 def check_graph(gm: GraphModule) -> None:
@@ -78,6 +83,9 @@ class PassManager:
         self.passes = list(passes)
         self.check = check
 
+    # A pass that computes a weight from one that requires grad (a capture's parameters do) would
+    # otherwise store it with a backward graph that keeps the old weight alive.
+    @torch.no_grad()
     def __call__(self, gm: GraphModule) -> PassResult:
         modified = False
         for p in self.passes:

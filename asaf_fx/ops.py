@@ -11,8 +11,10 @@ Ops (what each computes is documented beside its reference in ``asaf_fx.triton_k
 * ``quantize_per_token(x, bits, clip_ratio) -> (q, scale)`` — symmetric activations (``quantize.py``).
 * ``hadamard_rotate(x, right) -> y`` and ``hadamard_rotate_quantize(x, right, bits, clip_ratio)
   -> (q, scale)`` — online rotation, alone or fused with quantization (``hadamard.py``).
-* ``w4a_int_linear(x_q, x_scale, w_packed, w_scale, bias, group_size, out_dtype)`` (W4A4 / W4A8)
-  and ``w4a16_linear(x, w_packed, w_scale, bias, group_size, out_dtype)`` (``gemm.py``).
+* ``w4a_int_linear(x_q, x_scale, w_packed, w_scale, bias, group_size, out_dtype, a_bits)`` (W4A4 /
+  W4A8) and ``w4a16_linear(x, w_packed, w_scale, bias, group_size, out_dtype)``: on a GPU each call
+  takes the kernel ``triton_kernels/routes.py`` picks for its shape (decode GEMV, cuBLAS float8 /
+  int8, or the Triton GEMM in ``gemm.py``).
 * ``kv_quantize(x, bits, group_size) -> (q, scale, zero)`` / ``kv_dequantize(q, scale, zero, bits,
   group_size, dtype)`` — asymmetric KV cache (``kv_quant.py``).
 """
@@ -139,15 +141,19 @@ def _(x: torch.Tensor, right: torch.Tensor, bits: int, clip_ratio: float) -> tup
 @torch.library.custom_op("asaf_fx::w4a_int_linear", mutates_args=())
 def w4a_int_linear(
     x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
-    bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype,
+    bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype, a_bits: int = 8,
 ) -> torch.Tensor:
-    """W4A4 / W4A8 GEMM on per-token quantized activations: (..., K) int8 → (..., N) out_dtype."""
-    impl = _pick(x_q, gemm.w4a_int_linear_triton, gemm.w4a_int_linear_torch)
-    return impl(x_q, x_scale, w_packed, w_scale, bias, group_size, out_dtype)
+    """W4A4 / W4A8 GEMM on per-token quantized activations: (..., K) int8 → (..., N) out_dtype.
+
+    ``a_bits``: the width of the codes (4 or 8); with 4 the GPU may run the product in float8.
+    """
+    if kernel_backend(x_q) == "reference":
+        return gemm.w4a_int_linear_torch(x_q, x_scale, w_packed, w_scale, bias, group_size, out_dtype)
+    return gemm.w4a_int_linear_device(x_q, x_scale, w_packed, w_scale, bias, group_size, out_dtype, a_bits)
 
 
 @w4a_int_linear.register_fake
-def _(x_q, x_scale, w_packed, w_scale, bias, group_size, out_dtype):
+def _(x_q, x_scale, w_packed, w_scale, bias, group_size, out_dtype, a_bits=8):
     return x_q.new_empty((*_lead(x_q), w_packed.shape[0]), dtype=out_dtype)
 
 
@@ -157,7 +163,7 @@ def w4a16_linear(
     bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """Weight-only INT4 GEMM: float (..., K) → (..., N) out_dtype."""
-    impl = _pick(x, gemm.w4a16_linear_triton, gemm.w4a16_linear_torch)
+    impl = _pick(x, gemm.w4a16_linear_device, gemm.w4a16_linear_torch)
     return impl(x, w_packed, w_scale, bias, group_size, out_dtype)
 
 

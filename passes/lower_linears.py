@@ -96,7 +96,7 @@ class LowerLinears:
             group = low.weight.group_size
             if low.a_bits < 16:
                 codes, scale = self._quantize(gm, quantized, x, low, linear)
-                call = (ops.w4a_int_linear.default, (codes, scale, packed, scales, bias, group, dtype))
+                call = (ops.w4a_int_linear.default, (codes, scale, packed, scales, bias, group, dtype, low.a_bits))
             else:
                 call = (ops.w4a16_linear.default, (x, packed, scales, bias, group, dtype))
             with gm.graph.inserting_before(linear):

@@ -105,6 +105,11 @@ def _check_common(x, w_packed, w_scale, bias, group_size, out_dtype) -> tuple[in
     return k, n
 
 
+def _check_float_act(x: torch.Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"w4a16_linear needs float16/bfloat16/float32 activations, got {x.dtype}")
+
+
 def _check_int_act(x_q: torch.Tensor, x_scale: torch.Tensor) -> None:
     if x_q.dtype != torch.int8:
         raise TypeError(f"x_q must be int8 quantized activations (quantize_per_token), got {x_q.dtype}")
@@ -266,12 +271,47 @@ def w4a_int_linear_triton(
     return _launch(x_q, x_scale.reshape(-1).contiguous(), w_packed, w_scale, bias, group_size, out_dtype, True)
 
 
+def w4a_int_linear_device(
+    x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype, a_bits: int = 8,
+) -> torch.Tensor:
+    """:func:`w4a_int_linear_torch` on the fastest kernel for its shape (``routes.int_route``).
+
+    ``a_bits`` is the width the codes were quantized to (4 or 8): 4-bit codes may take float8.
+    """
+    from asaf_fx.triton_kernels import cublas, gemv, routes
+
+    _check_common(x_q, w_packed, w_scale, bias, group_size, out_dtype)
+    _check_int_act(x_q, x_scale)
+    route = routes.int_route(x_q, w_packed, group_size, a_bits)
+    if route == "gemv":
+        return gemv.w4_gemv(x_q, x_scale, w_packed, w_scale, bias, group_size, out_dtype)
+    if route == "fp8":
+        return cublas.w4a4_fp8_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype)
+    if route == "int8":
+        return cublas.w4a8_int8_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype)
+    return _launch(x_q, x_scale.reshape(-1).contiguous(), w_packed, w_scale, bias, group_size, out_dtype, True)
+
+
 def w4a16_linear_triton(
     x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
     bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """Triton kernel for :func:`w4a16_linear_torch` (same signature)."""
     _check_common(x, w_packed, w_scale, bias, group_size, out_dtype)
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"w4a16_linear needs float16/bfloat16/float32 activations, got {x.dtype}")
+    _check_float_act(x)
     return _launch(x, None, w_packed, w_scale, bias, group_size, out_dtype, False)
+
+
+def w4a16_linear_device(
+    x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`w4a16_linear_torch` on the fastest kernel for its shape (``routes.float_route``)."""
+    from asaf_fx.triton_kernels import gemv, routes
+
+    if routes.float_route(x, w_packed) != "gemv":
+        return w4a16_linear_triton(x, w_packed, w_scale, bias, group_size, out_dtype)
+    _check_common(x, w_packed, w_scale, bias, group_size, out_dtype)
+    _check_float_act(x)
+    return gemv.w4_gemv(x, None, w_packed, w_scale, bias, group_size, out_dtype)

@@ -11,11 +11,12 @@ multiply-adds for the small dense factor.
 with per-token symmetric quantization (``quantize.py``) of the float32 rotated row, so the rotated
 activations never go to memory in floating point.
 
-The kernel holds one whole row in registers as a (2^k, next_pow2(m)) float32 tile and applies the
-dense factor as m rank-1 updates, so its cost per row is about 2^k · next_pow2(m) · m multiply-adds.
-Widths with a small odd factor are cheap (Llama: 4096 = 2^12, 14336 = 2^11·7, 11008 = 2^8·43);
-pruned widths should keep m small (e.g. round to a multiple of 64 or 128), since a width like
-8 · 1125 makes the dense factor dominate.
+The kernel holds whole rows in registers as (2^k, next_pow2(m)) float32 tiles (several narrow rows
+per program) and applies the dense factor as one float32-accurate tensor-core dot when the tile is
+at least 16 × 16 (3×TF32 on a GPU), else as m rank-1 updates; its cost per row is about
+2^k · next_pow2(m)² multiply-adds. Widths with a small odd factor are cheap (Llama: 4096 = 2^12,
+14336 = 2^11·7, 11008 = 2^8·43); pruned widths should keep m small (e.g. round to a multiple of 64
+or 128), since a width like 8 · 1125 makes the dense factor dominate.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from asaf_fx.triton_kernels._runtime import next_pow2, round_half_even
+from asaf_fx.triton_kernels._runtime import interpreting, next_pow2, round_half_even
 from asaf_fx.triton_kernels.quantize import check_act_quant_args, quantize_rows_torch
 
 
@@ -102,28 +103,42 @@ def rotate_quantize_torch(
 def _rotate_kernel(
     # pointers
     x_ptr, right_ptr, out_ptr, scale_ptr,
-    # strides (rows are contiguous) and scalars
-    stride_x, stride_out, inv_sqrt, clip_ratio,
-    # meta-parameters: width n = POWER * M_ODD, MP = next power of two ≥ M_ODD
-    M_ODD: tl.constexpr, POWER: tl.constexpr, LOG2P: tl.constexpr, MP: tl.constexpr,
-    QUANTIZE: tl.constexpr, QMAX: tl.constexpr,
+    # sizes, strides (rows are contiguous) and scalars
+    rows, stride_x, stride_out, inv_sqrt, clip_ratio,
+    # meta-parameters: width n = POWER * M_ODD, MP = next power of two ≥ M_ODD, BR rows per program
+    M_ODD: tl.constexpr, POWER: tl.constexpr, LOG2P: tl.constexpr, MP: tl.constexpr, BR: tl.constexpr,
+    QUANTIZE: tl.constexpr, QMAX: tl.constexpr, DENSE_DOT: tl.constexpr, EXACT_DOT: tl.constexpr,
 ):
-    # One program per row, viewed as a (POWER, M_ODD) matrix Y: the rotation is H · Y · right.
-    row = tl.program_id(0).to(tl.int64)
-    p = tl.arange(0, POWER)[:, None]
-    c = tl.arange(0, MP)[None, :]
+    # BR rows per program, each viewed as a (POWER, M_ODD) matrix Y: the rotation is H · Y · right.
+    # Narrow rows (a 128-wide attention head) come many to a program, so a program has work.
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)[:, None, None]
+    p = tl.arange(0, POWER)[None, :, None]
+    c = tl.arange(0, MP)[None, None, :]
+    rmask = r < rows
     cmask = c < M_ODD
-    x_row = x_ptr + row * stride_x
-    if M_ODD == 1:
-        y = tl.load(x_row + p + c).to(tl.float32)
-    else:
-        # Small dense factor as M_ODD rank-1 updates: no tl.dot, so no minimum tile size and
-        # padded columns stay exactly zero (they must not enter the row maximum).
-        y = tl.zeros((POWER, MP), dtype=tl.float32)
-        for j in range(M_ODD):
-            xj = tl.load(x_row + p * M_ODD + j).to(tl.float32)
-            rj = tl.load(right_ptr + j * M_ODD + c, mask=cmask, other=0.0)
-            y += xj * rj
+    # One contiguous (BR, POWER, MP) load of the rows; padded columns read as zero.
+    y = tl.load(x_ptr + r * stride_x + p * M_ODD + c, mask=rmask & cmask, other=0.0).to(tl.float32)
+    if M_ODD > 1:
+        if DENSE_DOT:
+            # BR == 1: Y · right as one (POWER, MP) × (MP, MP) dot; right's padded rows and columns
+            # are zero, so padded columns stay exactly zero (they must not enter the row maximum).
+            rr = tl.arange(0, MP)[:, None]
+            rc = tl.arange(0, MP)[None, :]
+            right = tl.load(right_ptr + rr * M_ODD + rc, mask=(rr < M_ODD) & (rc < M_ODD), other=0.0)
+            y2 = tl.reshape(y, (POWER, MP))
+            if EXACT_DOT:
+                y2 = tl.dot(y2, right, input_precision="ieee")
+            else:
+                y2 = tl.dot(y2, right, input_precision="tf32x3")  # float32-accurate on tensor cores
+            y = tl.reshape(y2, (BR, POWER, MP))
+        else:
+            # Few columns: M_ODD rank-1 updates, each column taken from the loaded tile.
+            acc = tl.zeros((BR, POWER, MP), dtype=tl.float32)
+            for j in range(M_ODD):
+                yj = tl.sum(tl.where(c == j, y, 0.0), axis=2, keep_dims=True)
+                rj = tl.load(right_ptr + j * M_ODD + c, mask=cmask, other=0.0)
+                acc += yj * rj
+            y = acc
     # Walsh-Hadamard butterfly along the POWER axis. Each stage splits off the lowest index bit
     # (pairs 2r, 2r + 1 → a + b, a - b) and moves it to the top, a cyclic rotation of the index
     # bits; after LOG2P stages every bit was processed once and the order is back to normal.
@@ -131,21 +146,21 @@ def _rotate_kernel(
     # it bit for bit. (A tl.gather of partners compiles super-linearly in POWER: ptxas ran out of
     # memory at 4096.)
     for _ in tl.static_range(LOG2P):
-        pairs = tl.permute(tl.reshape(y, (POWER // 2, 2, MP)), (0, 2, 1))
+        pairs = tl.permute(tl.reshape(y, (BR, POWER // 2, 2, MP)), (0, 1, 3, 2))
         a, b = tl.split(pairs)
-        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (2, 0, 1)), (POWER, MP))
+        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 3, 1, 2)), (BR, POWER, MP))
     y = y * inv_sqrt
-    offs = row * stride_out + p * M_ODD + c
+    offs = r * stride_out + p * M_ODD + c
     if QUANTIZE:
-        amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
+        amax = tl.max(tl.max(tl.abs(y), axis=2, keep_dims=True), axis=1, keep_dims=True)
         scale = tl.math.div_rn(amax * clip_ratio, QMAX * 1.0)
         safe = tl.where(scale > 0.0, scale, 1.0)
         q = round_half_even(tl.math.div_rn(y, safe))
         q = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0)
-        tl.store(out_ptr + offs, q.to(tl.int8), mask=cmask)
-        tl.store(scale_ptr + row, scale)
+        tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=rmask & cmask)
+        tl.store(scale_ptr + r, scale, mask=rmask)
     else:
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=cmask)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=rmask & cmask)
 
 
 def _launch_rotate(x: torch.Tensor, right: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None,
@@ -159,12 +174,14 @@ def _launch_rotate(x: torch.Tensor, right: torch.Tensor, out: torch.Tensor, scal
     if rows == 0:
         return
     mp = next_pow2(m)
-    _rotate_kernel[(rows,)](
+    br = max(1, min(64, 2048 // (power * mp)))
+    dense_dot = br == 1 and m > 1 and mp >= 16 and power >= 16  # tl.dot needs 16-wide tiles
+    _rotate_kernel[(triton.cdiv(rows, br),)](
         x2, right.to(device=x.device, dtype=torch.float32).contiguous(), out, scale if scale is not None else out,
-        x2.stride(0), n, 1.0 / math.sqrt(power), float(clip_ratio),
-        M_ODD=m, POWER=power, LOG2P=power.bit_length() - 1, MP=mp,
-        QUANTIZE=scale is not None, QMAX=2 ** (bits - 1) - 1,
-        num_warps=8 if power * mp >= 8192 else 4,
+        rows, x2.stride(0), n, 1.0 / math.sqrt(power), float(clip_ratio),
+        M_ODD=m, POWER=power, LOG2P=power.bit_length() - 1, MP=mp, BR=br,
+        QUANTIZE=scale is not None, QMAX=2 ** (bits - 1) - 1, DENSE_DOT=dense_dot, EXACT_DOT=interpreting(),
+        num_warps=8 if br * power * mp >= 8192 else 4,
     )
 
 

@@ -16,6 +16,8 @@ channel. Scales are any float dtype; kernels read them as float32.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 INT4_MIN, INT4_MAX = -8, 7
 
@@ -95,3 +97,48 @@ def dequantize_weight_int4(packed: torch.Tensor, scale: torch.Tensor, k: int, gr
     q = unpack_int4(packed, k).to(torch.float32)
     cols = torch.arange(k, device=packed.device) // group_size
     return q * scale.to(torch.float32)[:, cols]
+
+
+# ------------------------------------------------------------------------- unpack on the device
+
+
+@triton.jit
+def _unpack_int4_kernel(p_ptr, out_ptr, N, K, KB, stride_pn, stride_on,
+                        BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.program_id(1) * BLOCK_KB + tl.arange(0, BLOCK_KB)
+    mask = (offs_n[:, None] < N) & (offs_b[None, :] < KB)
+    b = tl.load(p_ptr + offs_n[:, None].to(tl.int64) * stride_pn + offs_b[None, :], mask=mask, other=0).to(tl.int32)
+    low = ((b & 0xF) ^ 8) - 8
+    high = (((b >> 4) & 0xF) ^ 8) - 8
+    # (BLOCK_N, BLOCK_KB, 2) → (BLOCK_N, 2·BLOCK_KB): element 2j then 2j + 1, the logical order.
+    q = tl.reshape(tl.join(low, high), (BLOCK_N, 2 * BLOCK_KB))
+    offs_k = 2 * tl.program_id(1) * BLOCK_KB + tl.arange(0, 2 * BLOCK_KB)
+    out = out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :]
+    # Through float16 (exact for -8..7): Triton converts to float8 only from floating types.
+    tl.store(out, q.to(tl.float16).to(out_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+
+
+def unpack_int4_to(packed: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """``unpack_int4(packed, k).to(dtype)`` in one pass on the GPU (or under the interpreter).
+
+    The GEMMs on vendor libraries read int8 or float8 operands; this widens the packed codes for
+    one call and the result is dropped after it, so only the packed weights stay resident.
+    """
+    from asaf_fx.triton_kernels._runtime import interpreting
+
+    if not (packed.is_cuda or interpreting()) or (dtype.itemsize == 1 and dtype.is_floating_point and interpreting()):
+        return unpack_int4(packed, k).to(dtype)  # the interpreter cannot store float8
+    if packed.dtype != torch.uint8 or packed.shape[-1] != (k + 1) // 2:
+        raise ValueError(f"unpack_int4_to needs the uint8 (..., {(k + 1) // 2}) tensor from pack_int4, "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    p2 = packed.reshape(-1, packed.shape[-1])
+    if not p2.is_contiguous():
+        p2 = p2.contiguous()
+    n, kb = p2.shape
+    out = torch.empty((n, k), dtype=dtype, device=packed.device)
+    if n and k:
+        block_n, block_kb = 32, 64
+        grid = (triton.cdiv(n, block_n), triton.cdiv(kb, block_kb))
+        _unpack_int4_kernel[grid](p2, out, n, k, kb, p2.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_KB=block_kb)
+    return out.reshape(*packed.shape[:-1], k)

@@ -87,9 +87,11 @@ def _kv_quant_kernel(
     j = tl.arange(0, HALF_P)
     rmask = rows < n_groups
     mask = rmask[:, None] & (j[None, :] < GS // 2)
-    base = x_ptr + rows[:, None].to(tl.int64) * GS + 2 * j[None, :]
-    xe = tl.load(base, mask=mask, other=0.0).to(tl.float32)
-    xo = tl.load(base + 1, mask=mask, other=0.0).to(tl.float32)
+    # One contiguous load of each row, split into even and odd positions in registers.
+    k = tl.arange(0, 2 * HALF_P)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * GS + k[None, :], mask=rmask[:, None] & (k[None, :] < GS),
+                other=0.0).to(tl.float32)
+    xe, xo = tl.split(tl.reshape(x, (BLOCK_R, HALF_P, 2)))
     inf = float("inf")
     lo = tl.min(tl.minimum(tl.where(mask, xe, inf), tl.where(mask, xo, inf)), axis=1)
     hi = tl.max(tl.maximum(tl.where(mask, xe, -inf), tl.where(mask, xo, -inf)), axis=1)
@@ -106,9 +108,9 @@ def _kv_quant_kernel(
     if BITS == 4:
         tl.store(q_ptr + rows[:, None].to(tl.int64) * (GS // 2) + j[None, :], (qe | (qo << 4)).to(tl.uint8), mask=mask)
     else:
-        qbase = q_ptr + rows[:, None].to(tl.int64) * GS + 2 * j[None, :]
-        tl.store(qbase, qe.to(tl.uint8), mask=mask)
-        tl.store(qbase + 1, qo.to(tl.uint8), mask=mask)
+        q = tl.reshape(tl.join(qe, qo), (BLOCK_R, 2 * HALF_P))
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * GS + k[None, :], q.to(tl.uint8),
+                 mask=rmask[:, None] & (k[None, :] < GS))
     tl.store(scale_ptr + rows, scale, mask=rmask)
     tl.store(zero_ptr + rows, lo, mask=rmask)
 
@@ -132,10 +134,11 @@ def _kv_dequant_kernel(
         qo = tl.load(qbase + 1, mask=mask, other=0).to(tl.int32)
     s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)[:, None]
     z = tl.load(zero_ptr + rows, mask=rmask, other=0.0)[:, None]
-    obase = out_ptr + rows[:, None].to(tl.int64) * GS + 2 * j[None, :]
-    dt = out_ptr.dtype.element_ty
-    tl.store(obase, (qe.to(tl.float32) * s + z).to(dt), mask=mask)
-    tl.store(obase + 1, (qo.to(tl.float32) * s + z).to(dt), mask=mask)
+    # Interleave even and odd positions in registers: one contiguous store of each row.
+    out = tl.reshape(tl.join(qe.to(tl.float32) * s + z, qo.to(tl.float32) * s + z), (BLOCK_R, 2 * HALF_P))
+    k = tl.arange(0, 2 * HALF_P)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * GS + k[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & (k[None, :] < GS))
 
 
 def _grid_args(n_groups: int, group_size: int) -> tuple[tuple[int], dict]:

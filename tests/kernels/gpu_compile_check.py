@@ -14,7 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from asaf_fx.triton_kernels import gemm, hadamard, kv_quant, quantize
+from asaf_fx.triton_kernels import cublas, gemm, gemv, hadamard, int4, kv_quant, quantize
 from asaf_fx.triton_kernels._runtime import next_pow2
 
 FLOAT_ARGS = {"inv_sqrt", "clip_ratio"}
@@ -40,12 +40,31 @@ def cases():
                    {**gemm_ptrs, "a_ptr": f"*{act}"}, meta, arch,
                    dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     # Llama widths: 4096 = 2^12, 14336 = 2^11·7, 11008 = 2^8·43, and a tiny odd one.
-    for power, m in [(4096, 1), (2048, 7), (256, 43), (2, 7)]:
+    # Attention heads: 128 = 2^7 (several rows per program, rotation alone).
+    for power, m, quantize_ in [(4096, 1, True), (2048, 7, True), (256, 43, True), (2, 7, True), (128, 1, False)]:
         mp = next_pow2(m)
-        meta = dict(M_ODD=m, POWER=power, LOG2P=power.bit_length() - 1, MP=mp, QUANTIZE=True, QMAX=7)
-        ptrs = dict(x_ptr="*fp16", right_ptr="*fp32", out_ptr="*i8", scale_ptr="*fp32")
-        yield (f"rotate+quantize sm90 n={power}·{m}", hadamard._rotate_kernel, ptrs, meta, 90,
-               dict(num_warps=8 if power * mp >= 8192 else 4))
+        br = max(1, min(64, 2048 // (power * mp)))
+        meta = dict(M_ODD=m, POWER=power, LOG2P=power.bit_length() - 1, MP=mp, BR=br, QUANTIZE=quantize_, QMAX=7,
+                    DENSE_DOT=br == 1 and m > 1 and mp >= 16 and power >= 16, EXACT_DOT=False)
+        ptrs = dict(x_ptr="*fp16", right_ptr="*fp32", out_ptr="*i8" if quantize_ else "*fp16", scale_ptr="*fp32")
+        yield (f"rotate{'+quantize' if quantize_ else ''} sm90 n={power}·{m}", hadamard._rotate_kernel, ptrs, meta, 90,
+               dict(num_warps=8 if br * power * mp >= 8192 else 4))
+    gemv_ptrs = dict(a_ptr="*i8", w_ptr="*u8", w_scale_ptr="*fp16", a_scale_ptr="*fp32", bias_ptr="*fp16",
+                     c_ptr="*fp16")
+    for cfg in gemv._configs():
+        for group, act in [(0, "i8"), (0, "bf16")] + ([(256, "i8")] if 256 % (2 * cfg.kwargs["BLOCK_KB"]) == 0 else []):
+            meta = dict(GROUP_K=group, INT_ACT=act == "i8", HAS_BIAS=False, DOT_BF16=act == "bf16", EVEN_K=True,
+                        **cfg.kwargs)
+            yield (f"gemv sm90 {act} group={group} {cfg.kwargs}", gemv._w4_gemv_kernel.fn.fn,
+                   {**gemv_ptrs, "a_ptr": f"*{act}"}, meta, 90, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    for out in ("*i8", "*fp8e4nv"):
+        yield (f"unpack_int4 sm90 -> {out}", int4._unpack_int4_kernel, dict(p_ptr="*u8", out_ptr=out),
+               dict(BLOCK_N=32, BLOCK_KB=64), 90, {})
+    yield ("codes_to_fp8 sm90", cublas._codes_to_fp8_kernel, dict(x_ptr="*i8", out_ptr="*fp8e4nv"), dict(BLOCK=4096),
+           90, {})
+    yield ("scale_epilogue sm90", cublas._scale_epilogue_kernel,
+           dict(acc_ptr="*i32", a_scale_ptr="*fp32", w_scale_ptr="*fp16", bias_ptr="*fp16", out_ptr="*fp16"),
+           dict(HAS_BIAS=True, BLOCK_M=32, BLOCK_N=128), 90, {})
     yield ("quantize_per_token sm90", quantize._quantize_per_token_kernel,
            dict(x_ptr="*bf16", q_ptr="*i8", scale_ptr="*fp32"), dict(QMAX=7, BLOCK_K=1024), 90, {})
     for bits in (4, 8):

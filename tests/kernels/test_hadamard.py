@@ -10,8 +10,9 @@ from asaf_fx.triton_kernels import hadamard
 
 pytestmark = pytest.mark.interpreter
 
-# n = 2^k · m: pure powers of two, odd widths (2^0), and Kronecker cases like pruned MLP widths.
-WIDTHS = [1, 7, 16, 64, 24, 28, 96]
+# n = 2^k · m: pure powers of two, odd widths (2^0), Kronecker cases like pruned MLP widths, and
+# 16 · 43 = 688, whose dense factor runs as a tensor-core dot (Llama-2's 11008 = 256 · 43).
+WIDTHS = [1, 7, 16, 64, 24, 28, 96, 688]
 
 
 def _right(m: int, device: str) -> torch.Tensor:

@@ -195,6 +195,7 @@ def save(model: CompiledModel, path: str | os.PathLike, *, tokenizer=None) -> Ch
         "plan": None if model.plan is None else json.loads(model.plan.to_json()),
         "mlp_widths": meta.get("mlp_widths"),
         "max_cache_len": model.max_cache_len,
+        "decode_batch": model.decode_batch,
         "eos_token_ids": model.eos_token_ids,
         "graphs": {kind: {"code_sha256": _code_sha256(gm)} for kind, gm in graphs.items()},
         "aliases": aliases,
@@ -363,7 +364,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", backend
     model = _random_model(config["model_config"], dtype, device)
     graphs = {"forward": capture_forward(model)}
     if max_cache_len is not None:
-        graphs["decode"] = capture_decode(model, max_cache_len)
+        graphs["decode"] = capture_decode(model, max_cache_len, int(config.get("decode_batch") or 1))
     rewrite(list(graphs.values()), model, quant, _placeholder_prunings(config.get("mlp_widths")),
             _placeholder_lowerings(quant))
     for kind, gm in graphs.items():

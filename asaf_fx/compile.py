@@ -170,7 +170,7 @@ def rewrite(graphs: list[GraphModule], model, quant: QuantConfig,
 
 def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantConfig | None = None,  # noqa: A001
             calibration=None, prune: PruneConfig | None = None, decode: bool = True,
-            max_cache_len: int = 256, backend: str | None = "auto") -> CompiledModel:
+            max_cache_len: int = 256, decode_batch: int = 1, backend: str | None = "auto") -> CompiledModel:
     """Capture ``model`` and rewrite it as ``plan`` and ``quant`` ask; the model itself is left unchanged.
 
     Args:
@@ -183,6 +183,7 @@ def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantCon
         prune: how the plan's sparsities become removed channels; default ``PruneConfig()``.
         decode: also capture the static-KV-cache decode graph used by ``generate``.
         max_cache_len: positions in the static KV cache (prompt + new tokens).
+        decode_batch: sequences the decode graph steps at once (its KV cache holds this many).
         backend: ``torch.compile`` backend for the graphs: "auto" = inductor on CUDA, eager on the
             CPU; None = eager; any other name is passed to ``torch.compile``.
     """
@@ -200,7 +201,7 @@ def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantCon
     was_training = model.training
     model.eval()
     try:
-        graphs = [capture_forward(model)] + ([capture_decode(model, max_cache_len)] if decode else [])
+        graphs = [capture_forward(model)] + ([capture_decode(model, max_cache_len, decode_batch)] if decode else [])
     finally:
         model.train(was_training)
     forward = graphs[0]

@@ -76,12 +76,15 @@ def capture_forward(model: torch.nn.Module, example_ids: torch.Tensor | None = N
     return _record(gm, "forward", (ids[:1, :4], False), model)
 
 
-def capture_decode(model: torch.nn.Module, max_cache_len: int = 256) -> GraphModule:
-    """One-token decode step with a static KV cache of ``max_cache_len`` positions (batch 1).
+def capture_decode(model: torch.nn.Module, max_cache_len: int = 256, batch_size: int = 1) -> GraphModule:
+    """One-token decode step of ``batch_size`` sequences with a static KV cache of ``max_cache_len`` positions.
 
-    Call the result as ``gm(input_ids=ids[:, i:i+1], cache_position=torch.tensor([i]))``; it returns
-    logits and updates the cache buffers inside the module.
+    Call the result as ``gm(input_ids=ids[:, i:i+1], cache_position=torch.tensor([i]))`` (ids of
+    ``batch_size`` rows, all at position i); it returns logits and updates the cache buffers inside
+    the module.
     """
+    if batch_size < 1:
+        raise ValueError(f"decode batch size must be at least 1, got {batch_size}")
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
     check_model(model)
@@ -94,13 +97,14 @@ def capture_decode(model: torch.nn.Module, max_cache_len: int = 256) -> GraphMod
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_cache_len,
+            wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=batch_size, max_cache_len=max_cache_len,
                                                             device=device)
-            ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+            ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
             pos = torch.zeros(1, dtype=torch.long, device=device)
             ep = wrapper.export(input_ids=ids, cache_position=pos, strict=False)
             gm = ep.module()
     finally:
         model.generation_config = saved
     gm.meta["max_cache_len"] = max_cache_len
+    gm.meta["decode_batch"] = batch_size
     return _record(gm, "decode", (ids, pos), model)

@@ -86,7 +86,28 @@ def test_gpt2_is_an_unsupported_architecture():
 
 def test_generate_checks_its_inputs(compiled):
     cm = compiled["mistral"]
-    with pytest.raises(ValueError, match="one sequence at a time"):
+    with pytest.raises(ValueError, match=r"decodes 1 sequence\(s\) of equal length at a time \(decode_batch\)"):
         cm.generate(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \(1, 1\).*compile with decode_batch=2"):
+        cm.decode_step(torch.zeros(2, 1, dtype=torch.long), 0)
     with pytest.raises(ValueError, match="exceeds the static cache of 64"):
         cm.generate(torch.zeros(1, 40, dtype=torch.long), max_new_tokens=32)
+
+
+def test_batched_decode_steps_each_row_as_one_sequence_alone(tiny_models, tmp_path, h):
+    model = tiny_models["llama"]
+    quant = asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn", w_clip_search=False)
+    one = asaf_fx.compile(model, quant=quant, max_cache_len=16, backend=None)
+    two = asaf_fx.compile(model, quant=quant, max_cache_len=16, decode_batch=2, backend=None)
+    assert (one.decode_batch, two.decode_batch) == (1, 2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(5))
+    rows = [[one.decode_step(ids[r:r + 1, i:i + 1], i) for i in range(6)] for r in range(2)]
+    # The position may also be a device tensor (what a CUDA-graph replay reads).
+    both = [two.decode_step(ids[:, i:i + 1], torch.tensor([i])) for i in range(6)]
+    for i in range(6):
+        for r in range(2):
+            assert h.rel_err(both[i][r], rows[r][i][0]) <= 1e-5
+    asaf_fx.save(two, tmp_path / "ckpt")
+    loaded = asaf_fx.load(tmp_path / "ckpt")
+    assert loaded.decode_batch == 2
+    assert h.rel_err(loaded.decode_step(ids[:, :1], 0), both[0]) <= 1e-5

@@ -2,10 +2,12 @@
 
 Prefill latency, decode tokens/s and peak memory of FP16 vs rotated INT4 vs ASAF on random weights.
 
-Three variants of one seeded random Llama-shaped model: ``fp16`` (the transformers model as it is,
-in half precision on a GPU and float32 on the CPU), ``int4`` (``asaf_fx.compile`` with rotations
-and W4A4KV4, RTN weights) and ``asaf`` (the same plus a sparsity plan: ``--plan FILE`` or a
-uniform ``--sparsity``). Speed does not depend on weight values, so random weights (and RTN rather
+Variants of one seeded random Llama-shaped model: ``fp16-eager`` (the transformers model as it
+is, in half precision on a GPU and float32 on the CPU), ``fp16-compiled`` (the same model captured
+by ``asaf_fx.compile`` without rotation or quantization, so through the same inductor and
+CUDA-graph decode as the compressed variants), ``w4a4kv4`` and ``w4a8kv4`` (``asaf_fx.compile``
+with rotations, RTN INT4 weights, 4- or 8-bit activations and a 4-bit KV cache) and ``asaf``
+(W4A4KV4 plus a sparsity plan: ``--plan FILE`` or a uniform ``--sparsity``). Speed does not depend on weight values, so random weights (and RTN rather
 than GPTQ) measure a real model's speed; accuracy is measured elsewhere (``benchmarks/compile_ppl.py``).
 On the CPU the INT4 ops run their torch references: such figures are labelled as the CPU reference
 path, never as GPU speed.
@@ -31,16 +33,18 @@ from asaf_fx._cli import emit_report, int_at_least
 from asaf_fx.speed import (PRESETS, PeakMemory, Shape, device_name, hf_decode_step, linear_totals, measure_decode,
                            measure_prefill, random_llama)
 
-SCHEMA = "asaf_fx.bench/1"
-VARIANTS = ("fp16", "int4", "asaf")
+SCHEMA = "asaf_fx.bench/2"
+VARIANTS = ("fp16-eager", "fp16-compiled", "w4a4kv4", "w4a8kv4", "asaf")
+ACT_BITS = {"w4a4kv4": 4, "w4a8kv4": 8, "asaf": 4}
 CPU_LABEL = "CPU reference path — not a GPU speed figure"
 CALIBRATION_SAMPLES, CALIBRATION_LEN = 4, 128
 # Defaults per device: the issue's full grid on a GPU; on the CPU a grid that ends in minutes on 2 cores.
 DEFAULTS = {
     "cuda": {"preset": "llama2-7b", "layers": None, "seq": [512, 2048, 4096], "batch": [1, 4, 16],
-             "decode_tokens": 64, "repeats": 5},
+             "decode_tokens": 64, "decode_batch": [1, 16], "repeats": 5},
     # All 30 SmolLM2 layers took 16 min here (2 busy cores): compiling and the reference INT4 ops.
-    "cpu": {"preset": "smollm2-135m", "layers": 4, "seq": [512], "batch": [1], "decode_tokens": 4, "repeats": 3},
+    "cpu": {"preset": "smollm2-135m", "layers": 4, "seq": [512], "batch": [1], "decode_tokens": 4, "decode_batch": [1],
+            "repeats": 3},
 }
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -74,10 +78,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="prefill lengths in tokens (default: 512 2048 4096 on CUDA, 512 on the CPU)")
     parser.add_argument("--batch", type=int_at_least(1), nargs="+", help="prefill batch sizes (default: 1 4 16 on CUDA, 1 on the CPU)")
     parser.add_argument("--decode-tokens", type=int_at_least(0),
-                        help="timed greedy decode steps, batch 1 (default: 64 on CUDA, 8 on the CPU; 0 = no decode)")
+                        help="timed greedy decode steps (default: 64 on CUDA, 4 on the CPU; 0 = no decode)")
+    parser.add_argument("--decode-batch", type=int_at_least(1), nargs="+",
+                        help="decode batch sizes, one compiled decode graph each (default: 1 16 on CUDA, 1 on the CPU)")
     parser.add_argument("--cache-len", type=int_at_least(1),
                         help="static KV-cache positions for decode (default: longest --seq + warm-up + decode tokens)")
-    parser.add_argument("--variants", type=_variant_list, default=list(VARIANTS), help="comma-separated subset of fp16,int4,asaf")
+    parser.add_argument("--variants", type=_variant_list, default=list(VARIANTS),
+                        help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
     sparsity = parser.add_mutually_exclusive_group()
     sparsity.add_argument("--plan", type=Path, help="plan JSON from python -m asaf_fx.plan for the asaf variant")
     sparsity.add_argument("--sparsity", type=_sparsity, default=0.1, help="uniform plan for the asaf variant (default 0.1)")
@@ -155,57 +162,90 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def build_variant(name: str, args: argparse.Namespace, plan) -> tuple[Any, Any, dict[str, Any]]:
-    """(forward, decode step or None, facts) of one variant; facts hold compile time, FLOPs and bytes."""
+def _build_model(args: argparse.Namespace) -> torch.nn.Module:
+    positions = max(max(args.seq), args.cache_len)
+    return random_llama(PRESETS[args.preset], args.layers, dtype=DTYPES[args.dtype], device=args.device,
+                        seed=args.seed, positions=positions)
+
+
+def _compile(name: str, model: torch.nn.Module, args: argparse.Namespace, plan, decode_batch: int | None):
     import asaf_fx
-    from asaf_fx.inspection import model_totals
 
     shape: Shape = PRESETS[args.preset]
-    positions = max(max(args.seq), args.cache_len)
-    model = random_llama(shape, args.layers, dtype=DTYPES[args.dtype], device=args.device, seed=args.seed,
-                         positions=positions)
-    if name == "fp16":
-        step = hf_decode_step(model, args.cache_len) if args.decode_tokens else None
-        return (lambda ids: model(ids, use_cache=False).logits), step, {"compile_s": None, **linear_totals(model)}
-    # RTN without its clip search: values (hence the search) do not change speed, and the search
-    # dominated the CPU compile time (40 passes over every weight).
-    quant = asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn", w_clip_search=False, seed=args.seed)
+    if name == "fp16-compiled":
+        quant = asaf_fx.QuantConfig(rotate=False)
+    else:
+        # RTN without its clip search: values (hence the search) do not change speed, and the search
+        # dominated the CPU compile time (40 passes over every weight).
+        quant = asaf_fx.QuantConfig(w_bits=4, a_bits=ACT_BITS[name], kv_bits=4, w_method="rtn", w_clip_search=False,
+                                    seed=args.seed)
     calibration = None
     if name == "asaf":  # channel selection reads activations; random tokens suffice for speed
+        positions = max(max(args.seq), args.cache_len)
         calibration = torch.randint(0, shape.vocab, (CALIBRATION_SAMPLES, min(CALIBRATION_LEN, positions)),
                                     generator=torch.Generator().manual_seed(args.seed + 1)).to(args.device)
+    return asaf_fx.compile(model, plan if name == "asaf" else None, quant=quant, calibration=calibration,
+                           decode=decode_batch is not None, max_cache_len=args.cache_len, decode_batch=decode_batch or 1,
+                           backend=None if args.backend == "eager" else args.backend)
+
+
+def build_variant(name: str, args: argparse.Namespace, plan) -> tuple[Any, dict[int, Any], dict[str, Any]]:
+    """(forward, {decode batch: step}, facts) of one variant; facts hold compile time, FLOPs and bytes.
+
+    A compiled variant gets one ``asaf_fx.compile`` per decode batch (each decode graph holds its
+    own static cache); the first also serves prefill.
+    """
+    from asaf_fx.inspection import model_totals
+
+    model = _build_model(args)
+    batches = args.decode_batch if args.decode_tokens else []
+    if name == "fp16-eager":
+        steps = {b: hf_decode_step(model, args.cache_len, b) for b in batches}
+        return (lambda ids: model(ids, use_cache=False).logits), steps, {"compile_s": None, **linear_totals(model)}
     start = time.perf_counter()
-    compiled = asaf_fx.compile(model, plan if name == "asaf" else None, quant=quant, calibration=calibration,
-                               decode=args.decode_tokens > 0, max_cache_len=args.cache_len,
-                               backend=None if args.backend == "eager" else args.backend)
+    compiled = [_compile(name, model, args, plan, b) for b in (batches or [None])]
     compile_s = time.perf_counter() - start
-    del model, calibration  # the compiled graphs hold their own tensors
+    del model  # the compiled graphs hold their own tensors
     _free(args.device)
-    facts = {"compile_s": compile_s, **model_totals(compiled), "quant": quant.to_dict()}
+    facts = {"compile_s": compile_s, **model_totals(compiled[0]), "quant": compiled[0].quant.to_dict()}
     if name == "asaf":
         facts["plan"] = {"layer_sparsity": list(plan.layer_sparsity), "method": plan.method}
-    step = compiled.decode_step if args.decode_tokens else None
-    return (lambda ids: compiled(ids).logits), step, facts
+    steps = {b: cm.decode_step for b, cm in zip(batches, compiled)}
+    first = compiled[0]
+    return (lambda ids: first(ids).logits), steps, facts
+
+
+def _cell_line(cell: dict[str, Any]) -> str:
+    return f"{cell['latency_ms']:.1f} ms, peak {_mib(cell['peak_memory_bytes'])} MiB"
+
+
+def _decode_line(cell: dict[str, Any]) -> str:
+    return f"{cell['tokens_per_s']:,.1f} tok/s ({cell['ms_per_step']:.2f} ms/step), peak {_mib(cell['peak_memory_bytes'])} MiB"
 
 
 def run_variant(name: str, args: argparse.Namespace, plan, memory: PeakMemory, console: Console) -> dict[str, Any]:
-    console.print(f"[dim]{name}: building the model{'' if name == 'fp16' else ' and compiling it'}…[/dim]")
+    console.print(f"[dim]{name}: building the model{'' if name == 'fp16-eager' else ' and compiling it'}…[/dim]")
     start = time.perf_counter()
-    forward, step, facts = build_variant(name, args, plan)
-    console.print(f"[dim]{name}: built in {time.perf_counter() - start:.1f} s; measuring…[/dim]")
+    forward, steps, facts = build_variant(name, args, plan)
+    console.print(f"[dim]{name}: built in {time.perf_counter() - start:.1f} s (asaf_fx.compile "
+                  f"{facts['compile_s'] or 0:.1f} s; torch.compile runs inside the first calls); measuring…[/dim]")
     vocab = PRESETS[args.preset].vocab
     prefill = []
     for seq in args.seq:  # one line per cell, so a run stopped part-way still shows what it measured
         for batch in args.batch:
             prefill.append(measure_prefill(forward, batch=batch, seq=seq, vocab=vocab, device=args.device,
                                            warmup=args.warmup, repeats=args.repeats, memory=memory, seed=args.seed + 2))
-            console.print(f"[dim]{name}: seq {seq} × batch {batch}: {prefill[-1]['latency_ms']:.1f} ms[/dim]")
-    decode = None
-    if step is not None:
-        decode = measure_decode(step, tokens=args.decode_tokens, warmup=args.warmup, device=args.device, memory=memory)
-    del forward, step
+            cell = prefill[-1]
+            console.print(f"[dim]{name}: seq {seq} × batch {batch}: {cell.get('error') or _cell_line(cell)}[/dim]")
+    decode = []
+    for batch, step in steps.items():
+        decode.append(measure_decode(step, batch=batch, tokens=args.decode_tokens, warmup=max(args.warmup, 2),
+                                     device=args.device, memory=memory))
+        cell = decode[-1]
+        console.print(f"[dim]{name}: decode batch {batch}: {cell.get('error') or _decode_line(cell)}[/dim]")
+    del forward, steps
     _free(args.device)
-    precision = args.dtype if name == "fp16" else f"W4A4KV4, {args.dtype} elsewhere"
+    precision = args.dtype if name.startswith("fp16") else f"W4A{ACT_BITS[name]}KV4, {args.dtype} elsewhere"
     return {"precision": precision, **facts, "prefill": prefill, "decode": decode}
 
 
@@ -219,16 +259,19 @@ def notes(args: argparse.Namespace, memory: PeakMemory) -> list[str]:
         "eager" if args.backend in ("auto", "eager") else args.backend)
     return [
         f"model: random weights (seed {args.seed}) with {args.preset} shapes, {depth}; weight values do not change speed",
-        f"fp16: the transformers model as it is ({args.dtype}{', the CPU has no fast fp16' if args.device.type == 'cpu' else ''}), "
-        "eager; decode through its StaticCache",
-        f"int4/asaf: asaf_fx.compile graphs ({engine}), W4A4KV4, weights by RTN without clip search "
-        "(GPTQ and the search change values, not speed)"
-        f"; asaf adds {'plan ' + str(args.plan) if args.plan else f'a uniform {args.sparsity:g} plan'}, channels chosen "
-        f"on {CALIBRATION_SAMPLES} random sequences",
+        f"fp16-eager: the transformers model as it is ({args.dtype}"
+        f"{', the CPU has no fast fp16' if args.device.type == 'cpu' else ''}), eager; decode through its StaticCache",
+        f"fp16-compiled and the INT4 variants: asaf_fx.compile graphs ({engine}"
+        f"{'; decode steps replayed as CUDA graphs' if args.device.type == 'cuda' else ''}); fp16-compiled without "
+        "rotation or quantization; w4a4kv4/w4a8kv4 rotated, weights by RTN without clip search (GPTQ and the search "
+        "change values, not speed)"
+        f"; asaf is w4a4kv4 plus {'plan ' + str(args.plan) if args.plan else f'a uniform {args.sparsity:g} plan'}, "
+        f"channels chosen on {CALIBRATION_SAMPLES} random sequences",
         f"prefill: one forward of batch × seq tokens, no KV cache, logits for every position; median of {args.repeats} "
         f"after {args.warmup} warm-up (JIT compilation falls in the warm-up)",
-        f"decode: batch 1, greedy, {args.decode_tokens} tokens after {args.warmup} warm-up steps, in a static cache of "
-        f"{args.cache_len} positions (each step attends over all of them)",
+        f"decode: batch {' and '.join(map(str, args.decode_batch))}, greedy, {args.decode_tokens} tokens after "
+        f"{max(args.warmup, 2)} warm-up steps, in a static cache of {args.cache_len} positions (each step attends over "
+        "all of them); peak memory includes the cache",
         f"peak memory: {memory.kind}",
         "weight bytes and GFLOPs/token: decoder-layer linears only (embedding and lm_head excluded)",
     ]
@@ -240,6 +283,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     report: dict[str, Any] = {"schema": SCHEMA, **environment(args), "preset": args.preset,
                               "shape": PRESETS[args.preset].to_dict(), "layers_run": args.layers,
                               "settings": {"seq": args.seq, "batch": args.batch, "decode_tokens": args.decode_tokens,
+                                           "decode_batch": args.decode_batch,
                                            "cache_len": args.cache_len, "warmup": args.warmup, "repeats": args.repeats,
                                            "dtype": args.dtype, "seed": args.seed, "backend": args.backend}}
     memory = PeakMemory(args.device)
@@ -265,15 +309,23 @@ def _prefill_table(report: dict[str, Any]) -> Table:
 
 
 def _variant_table(report: dict[str, Any]) -> Table:
-    grid = Table(title="per variant: decode (batch 1), weights, compile")
-    for column in ("variant", "precision", "decode tok/s", "decode peak MiB", "weight MiB", "GFLOP/tok", "compile s"):
+    grid = Table(title="per variant: decode, weights, compile")
+    for column in ("variant", "precision", "decode batch", "decode tok/s", "ms/step", "decode peak MiB", "weight MiB",
+                   "GFLOP/tok", "compile s"):
         grid.add_column(column, justify="left" if column in ("variant", "precision") else "right")
     for name, result in report["variants"].items():
-        decode = result["decode"] or {}
-        speed = decode.get("error", f"{decode['tokens_per_s']:,.2f}") if decode else "-"
-        grid.add_row(name, result["precision"].split(",")[0], speed, _mib(decode.get("peak_memory_bytes")),
-                     _mib(result["weight_bytes"]), f"{result['flops'] / 1e9:.4g}",
-                     "-" if result["compile_s"] is None else f"{result['compile_s']:.1f}")
+        facts = [_mib(result["weight_bytes"]), f"{result['flops'] / 1e9:.4g}",
+                 "-" if result["compile_s"] is None else f"{result['compile_s']:.1f}"]
+        for i, cell in enumerate(result["decode"] or [{}]):
+            if "error" in cell:
+                figures = [str(cell["batch"]), cell["error"], "", ""]
+            elif cell:
+                figures = [str(cell["batch"]), f"{cell['tokens_per_s']:,.1f}", f"{cell['ms_per_step']:.2f}",
+                           _mib(cell["peak_memory_bytes"])]
+            else:
+                figures = ["-", "-", "-", "-"]
+            grid.add_row(name if i == 0 else "", result["precision"].split(",")[0] if i == 0 else "", *figures,
+                         *(facts if i == 0 else ["", "", ""]))
     return grid
 
 

@@ -160,13 +160,14 @@ def measure_prefill(forward: Callable[[torch.Tensor], Any], *, batch: int, seq: 
 
 
 def measure_decode(step: Callable[[torch.Tensor, int], torch.Tensor], *, tokens: int, warmup: int,
-                   device: torch.device, memory: PeakMemory) -> dict[str, Any]:
-    """Greedy decoding, batch 1: ``warmup`` untimed steps at positions 0.., then ``tokens`` timed ones.
+                   device: torch.device, memory: PeakMemory, batch: int = 1) -> dict[str, Any]:
+    """Greedy decoding of ``batch`` rows: ``warmup`` untimed steps at positions 0.., then ``tokens`` timed ones.
 
-    ``step(token (1, 1), position) -> logits (1, 1, vocab)``; each next token is the argmax, as in
-    real greedy decoding (so every step waits for the previous one).
+    ``step(token (batch, 1), position) -> logits (batch, 1, vocab)``; each next token is the argmax,
+    as in real greedy decoding (so every step waits for the previous one on the device; the host
+    never waits inside the timed loop).
     """
-    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
     memory.reset()
     try:
         with torch.no_grad():
@@ -178,19 +179,26 @@ def measure_decode(step: Callable[[torch.Tensor, int], torch.Tensor], *, tokens:
                 token = step(token, position)[:, -1:].argmax(dim=-1)
             _sync(device)
     except _oom_errors() as exc:
-        return {"tokens": tokens, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+        return {"batch": batch, "tokens": tokens, "error": f"out of memory: {str(exc).splitlines()[0]}"}
     seconds = time.perf_counter() - start
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_memory_bytes": memory.read()}
+    return {"batch": batch, "tokens": tokens, "seconds": seconds, "tokens_per_s": batch * tokens / seconds,
+            "ms_per_step": 1e3 * seconds / max(tokens, 1), "peak_memory_bytes": memory.read()}
 
 
-def hf_decode_step(model: torch.nn.Module, cache_len: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """A decode step of the transformers model on its own ``StaticCache`` of ``cache_len`` positions."""
+def hf_decode_step(model: torch.nn.Module, cache_len: int, batch: int = 1) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """A decode step of the transformers model on its own ``StaticCache`` of ``cache_len`` positions.
+
+    (``batch`` documents the caller's rows; the cache takes its batch from the first step.) The
+    position is written into one device tensor in place: a fresh ``torch.tensor([position])`` per
+    step would be a blocking host-to-device copy.
+    """
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    pos = torch.zeros(1, dtype=torch.long, device=next(model.parameters()).device)
 
     def step(token: torch.Tensor, position: int) -> torch.Tensor:
-        pos = torch.tensor([position], dtype=torch.long, device=token.device)
+        pos.fill_(position)
         return model(input_ids=token, past_key_values=cache, cache_position=pos, use_cache=True).logits
 
     return step

@@ -1,4 +1,4 @@
-"""python -m asaf_fx.bench: one in-process run of all three variants on the tiny preset, and bad input."""
+"""python -m asaf_fx.bench: one in-process run of every variant on the tiny preset, and bad input."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from asaf_fx.sparsity_plan import uniform_plan
 
 # One decoder layer keeps the two compiles (export + passes) of this run to a few seconds each.
 TINY_RUN = ["--preset", "tiny", "--layers", "1", "--seq", "16", "--batch", "1", "--decode-tokens", "2",
+            "--decode-batch", "1", "2",
             "--warmup", "0", "--repeats", "1", "--sparsity", "0.5"]
 
 
@@ -23,7 +24,7 @@ def report(tmp_path_factory) -> dict:
 
 
 def test_report_labels_the_cpu_reference_path(report):
-    assert report["schema"] == "asaf_fx.bench/1"
+    assert report["schema"] == "asaf_fx.bench/2"
     assert report["device"] == "cpu" and report["kernels"] == "reference" and report["label"] == CPU_LABEL
     assert report["versions"]["torch"] and report["versions"]["transformers"]
     assert report["command"].startswith("python -m asaf_fx.bench --preset tiny")
@@ -32,16 +33,20 @@ def test_report_labels_the_cpu_reference_path(report):
 
 
 def test_every_variant_has_plausible_figures(report):
-    assert list(report["variants"]) == ["fp16", "int4", "asaf"]
+    assert list(report["variants"]) == ["fp16-eager", "fp16-compiled", "w4a4kv4", "w4a8kv4", "asaf"]
     for name, result in report["variants"].items():
         (cell,) = result["prefill"]
         assert (cell["seq"], cell["batch"]) == (16, 1), name
         assert cell["latency_ms"] > 0 and cell["tokens_per_s"] == pytest.approx(16 / (cell["latency_ms"] / 1e3)), name
         assert cell["peak_memory_bytes"] > 0, name
-        assert result["decode"]["tokens"] == 2 and result["decode"]["tokens_per_s"] > 0, name
+        assert [d["batch"] for d in result["decode"]] == [1, 2], name
+        for cell in result["decode"]:
+            assert cell["tokens"] == 2 and cell["tokens_per_s"] == pytest.approx(cell["batch"] * 2 / cell["seconds"]), name
         assert result["weight_bytes"] > 0 and result["flops"] > 0, name
-    fp, int4, asaf = (report["variants"][k] for k in ("fp16", "int4", "asaf"))
+    fp, fpc, int4, a8, asaf = (report["variants"][k] for k in ("fp16-eager", "fp16-compiled", "w4a4kv4", "w4a8kv4", "asaf"))
     assert fp["compile_s"] is None and int4["compile_s"] > 0 and asaf["compile_s"] > 0
+    assert fpc["weight_bytes"] == fp["weight_bytes"] and fpc["flops"] == fp["flops"]  # compiled, not compressed
+    assert a8["weight_bytes"] == int4["weight_bytes"] and a8["quant"]["a_bits"] == 8 and int4["quant"]["a_bits"] == 4
     # Packed INT4 codes plus scales against float32 weights: a little over 1/8 of the bytes.
     assert int4["weight_bytes"] < fp["weight_bytes"] / 6
     assert int4["flops"] == fp["flops"]

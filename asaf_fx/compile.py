@@ -28,6 +28,7 @@ from asaf_fx.config import CLIP_SEARCH, PruneConfig, QuantConfig
 from asaf_fx.passes.activation_clip import search_activation_clips
 from asaf_fx.passes.capture import capture_decode, capture_forward, check_model
 from asaf_fx.passes.fold_norms import FoldNorms
+from asaf_fx.passes.graph_utils import drop_dead_tensors
 from asaf_fx.passes.infra import GraphPass, PassManager, PatternError
 from asaf_fx.passes.layerwise import LayerwiseRunner
 from asaf_fx.passes.lower_linears import LinearLowering, LowerLinears
@@ -166,6 +167,8 @@ def rewrite(graphs: list[GraphModule], model, quant: QuantConfig,
             _run([LowerLinears(lowered)], gm, model)
     for gm in graphs[1:]:
         share_weights(forward, gm)
+    for gm in graphs:  # e.g. a tied embedding's original, which export leaves behind a dead node
+        drop_dead_tensors(gm)
 
 
 def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantConfig | None = None,  # noqa: A001

@@ -155,6 +155,21 @@ def add_constant(gm: GraphModule, name: str, value: torch.Tensor, before: Node) 
         return gm.graph.get_attr(name)
 
 
+def drop_dead_tensors(gm: GraphModule) -> None:
+    """Erase nodes nothing uses and free every parameter or buffer no ``get_attr`` reads any more
+    (weights a pass replaced, an untied embedding's original), so the graph holds only its own."""
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    used = {n.target for n in gm.graph.find_nodes(op="get_attr")}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            owner_path, _, attr = name.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            owner._parameters.pop(attr, None)
+            owner._buffers.pop(attr, None)
+    gm.recompile()
+
+
 def first_node(gm: GraphModule) -> Node:
     """A node before which module constants can be inserted (after the placeholders)."""
     for n in gm.graph.nodes:

@@ -28,7 +28,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 import asaf_fx.ops  # noqa: F401  registers the kernel ops
-from asaf_fx.passes.graph_utils import add_constant, data_users, get_tensor, is_op, linear_bias, set_tensor
+from asaf_fx.passes.graph_utils import (add_constant, data_users, drop_dead_tensors, get_tensor, is_op, linear_bias,
+                                        set_tensor)
 from asaf_fx.passes.infra import META_KEY, PassResult, PatternError
 from asaf_fx.passes.rtn import QuantizedWeight
 from asaf_fx.passes.split_layers import decoder_linears
@@ -105,9 +106,7 @@ class LowerLinears:
             _tag((new,), linear, {"w_bits": 4, "a_bits": low.a_bits, "group_size": group, "weight": weight_node.target})
             linear.replace_all_uses_with(new)
             gm.graph.erase_node(linear)
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        _drop_unused_attributes(gm)
+        drop_dead_tensors(gm)  # the float weights the packed ones replaced
         gm.meta.setdefault(META_KEY, {})["lowered"] = {
             "linears": len(linears), "int4": sum(low.packed is not None for low in self.lowerings)}
         return PassResult(gm, True)
@@ -127,14 +126,3 @@ class LowerLinears:
             _tag((quant, codes, scale), linear, {"activation_bits": low.a_bits, "fused_rotation": fuse})
             cache[key] = (codes, scale)
         return cache[key]
-
-
-def _drop_unused_attributes(gm: GraphModule) -> None:
-    """Free weights no node reads any more (float weights replaced by packed ones)."""
-    used = {n.target for n in gm.graph.find_nodes(op="get_attr")}
-    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name not in used:
-            owner_path, _, attr = name.rpartition(".")
-            owner = gm.get_submodule(owner_path) if owner_path else gm
-            owner._parameters.pop(attr, None)
-            owner._buffers.pop(attr, None)

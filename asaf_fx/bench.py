@@ -7,8 +7,9 @@ is, in half precision on a GPU and float32 on the CPU), ``fp16-compiled`` (the s
 by ``asaf_fx.compile`` without rotation or quantization, so through the same inductor and
 CUDA-graph decode as the compressed variants), ``w4a4kv4`` and ``w4a8kv4`` (``asaf_fx.compile``
 with rotations, RTN INT4 weights, 4- or 8-bit activations and a 4-bit KV cache) and ``asaf``
-(W4A4KV4 plus a sparsity plan: ``--plan FILE`` or a uniform ``--sparsity``). Speed does not depend on weight values, so random weights (and RTN rather
-than GPTQ) measure a real model's speed; accuracy is measured elsewhere (``benchmarks/compile_ppl.py``).
+(W4A4KV4 plus a sparsity plan: ``--plan FILE`` or a uniform ``--sparsity``). Speed does not depend
+on weight values, so random weights (and RTN rather than GPTQ) measure a real model's speed;
+accuracy is measured elsewhere (``benchmarks/compile_ppl.py``).
 On the CPU the INT4 ops run their torch references: such figures are labelled as the CPU reference
 path, never as GPU speed.
 """
@@ -185,8 +186,8 @@ def _compile(name: str, model: torch.nn.Module, args: argparse.Namespace, plan, 
         calibration = torch.randint(0, shape.vocab, (CALIBRATION_SAMPLES, min(CALIBRATION_LEN, positions)),
                                     generator=torch.Generator().manual_seed(args.seed + 1)).to(args.device)
     return asaf_fx.compile(model, plan if name == "asaf" else None, quant=quant, calibration=calibration,
-                           decode=decode_batch is not None, max_cache_len=args.cache_len, decode_batch=decode_batch or 1,
-                           backend=None if args.backend == "eager" else args.backend)
+                           decode=decode_batch is not None, max_cache_len=args.cache_len,
+                           decode_batch=decode_batch or 1, backend=None if args.backend == "eager" else args.backend)
 
 
 def build_variant(name: str, args: argparse.Namespace, plan) -> tuple[Any, dict[int, Any], dict[str, Any]]:
@@ -200,7 +201,7 @@ def build_variant(name: str, args: argparse.Namespace, plan) -> tuple[Any, dict[
     model = _build_model(args)
     batches = args.decode_batch if args.decode_tokens else []
     if name == "fp16-eager":
-        steps = {b: hf_decode_step(model, args.cache_len, b) for b in batches}
+        steps = {b: hf_decode_step(model, args.cache_len) for b in batches}  # one cache each
         return (lambda ids: model(ids, use_cache=False).logits), steps, {"compile_s": None, **linear_totals(model)}
     start = time.perf_counter()
     compiled = [_compile(name, model, args, plan, b) for b in (batches or [None])]
@@ -220,7 +221,8 @@ def _cell_line(cell: dict[str, Any]) -> str:
 
 
 def _decode_line(cell: dict[str, Any]) -> str:
-    return f"{cell['tokens_per_s']:,.1f} tok/s ({cell['ms_per_step']:.2f} ms/step), peak {_mib(cell['peak_memory_bytes'])} MiB"
+    return (f"{cell['tokens_per_s']:,.1f} tok/s ({cell['ms_per_step']:.2f} ms/step), "
+            f"peak {_mib(cell['peak_memory_bytes'])} MiB")
 
 
 def run_variant(name: str, args: argparse.Namespace, plan, memory: PeakMemory, console: Console) -> dict[str, Any]:

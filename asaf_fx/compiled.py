@@ -100,7 +100,6 @@ class CompiledModel(torch.nn.Module):
         with torch.no_grad():
             return self._runners[1](input_ids=step.ids, cache_position=step.pos)
 
-
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32,
                  eos_token_id: int | Iterable[int] | None = None) -> torch.Tensor:
         """Greedy decoding; returns prompt + new tokens, stopping after an EOS token.
@@ -108,8 +107,8 @@ class CompiledModel(torch.nn.Module):
         ``eos_token_id`` defaults to the model's generation config (as transformers does).
         """
         if input_ids.dim() != 2 or input_ids.shape[0] != self.decode_batch:
-            raise ValueError(f"generate decodes {self.decode_batch} sequence(s) of equal length at a time (decode_batch); "
-                             f"got input_ids of shape {tuple(input_ids.shape)}")
+            raise ValueError(f"generate decodes {self.decode_batch} sequence(s) of equal length at a time "
+                             f"(decode_batch); got input_ids of shape {tuple(input_ids.shape)}")
         total = input_ids.shape[1] + max_new_tokens
         if self.max_cache_len is not None and total > self.max_cache_len:
             raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the static "

@@ -185,12 +185,12 @@ def measure_decode(step: Callable[[torch.Tensor, int], torch.Tensor], *, tokens:
             "ms_per_step": 1e3 * seconds / max(tokens, 1), "peak_memory_bytes": memory.read()}
 
 
-def hf_decode_step(model: torch.nn.Module, cache_len: int, batch: int = 1) -> Callable[[torch.Tensor, int], torch.Tensor]:
+def hf_decode_step(model: torch.nn.Module, cache_len: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """A decode step of the transformers model on its own ``StaticCache`` of ``cache_len`` positions.
 
-    (``batch`` documents the caller's rows; the cache takes its batch from the first step.) The
-    position is written into one device tensor in place: a fresh ``torch.tensor([position])`` per
-    step would be a blocking host-to-device copy.
+    The cache takes its batch size from the first step's tokens. The position is written into one
+    device tensor in place: a fresh ``torch.tensor([position])`` per step would be a blocking
+    host-to-device copy.
     """
     from transformers import StaticCache
 

@@ -83,7 +83,8 @@ def _exactness(m: int, k: int, n: int, dev: str) -> list[str]:
         x_q = torch.randint(-lim, lim, (m, k), dtype=torch.int8, device=dev, generator=g)
         ones_x = torch.ones(m, device=dev)
         ref = (x_q.double() @ w_q.double().T).float()
-        cand = {f"triton-a{bits}": lambda: gemm.w4a_int_linear_triton(x_q, ones_x, packed, ones_w, None, k, torch.float32),
+        cand = {f"triton-a{bits}": lambda: gemm.w4a_int_linear_triton(x_q, ones_x, packed, ones_w, None, k,
+                                                                      torch.float32),
                 f"op-a{bits}": lambda: torch.ops.asaf_fx.w4a_int_linear(x_q, ones_x, packed, ones_w, None, k,
                                                                         torch.float32, bits)}
         if bits == 4:
@@ -138,9 +139,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                     times[name] = None
                     print(f"  {shape} M={m} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             flops = 2.0 * m * n * k
+            gemms = {p: t for p, t in times.items() if t and p not in ("unpack", "rot+q")}
             row = {"shape": shape, "m": m, "ms": times, "exact": not wrong, "not_exact": wrong,
-                   "tflops": {p: flops / (t * 1e-3) / 1e12 for p, t in times.items() if t and p not in ("unpack", "rot+q")},
-                   "x_fp16": {p: times["fp16"] / t for p, t in times.items() if t and p not in ("unpack", "rot+q")}}
+                   "tflops": {p: flops / (t * 1e-3) / 1e12 for p, t in gemms.items()},
+                   "x_fp16": {p: times["fp16"] / t for p, t in gemms.items()}}
             rows.append(row)
             _print_row(row)
             if args.out:  # after every row: a run stopped by a time limit keeps what it measured

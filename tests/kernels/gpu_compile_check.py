@@ -56,7 +56,8 @@ def cases():
             meta = dict(GROUP_K=group, INT_ACT=act == "i8", HAS_BIAS=False, DOT_BF16=act == "bf16", EVEN_K=True,
                         **cfg.kwargs)
             yield (f"gemv sm90 {act} group={group} {cfg.kwargs}", gemv._w4_gemv_kernel.fn.fn,
-                   {**gemv_ptrs, "a_ptr": f"*{act}"}, meta, 90, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                   {**gemv_ptrs, "a_ptr": f"*{act}"}, meta, 90,
+                   dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     for out in ("*i8", "*fp8e4nv"):
         yield (f"unpack_int4 sm90 -> {out}", int4._unpack_int4_kernel, dict(p_ptr="*u8", out_ptr=out),
                dict(BLOCK_N=32, BLOCK_KB=64), 90, {})

@@ -1,9 +1,11 @@
 """INT4-weight GEMMs on the vendor's tensor-core GEMMs (cuBLASLt through torch), for many tokens.
 
 Neither Triton nor cuBLAS has an INT4 tensor-core MMA on Hopper, and the 8-bit units run at twice
-the 16-bit rate, so for M > ``gemv.MAX_M`` tokens the fastest exact route is to widen the packed
-codes to an 8-bit type for the call (``int4.unpack_int4_to``, one pass over N·K bytes, dropped
-afterwards) and hand the product to a tuned library GEMM:
+the 16-bit rate, so beyond a few tokens (``routes.py`` says where) the fastest exact route is to
+widen the packed codes to an 8-bit type for the call (``int4.unpack_int4_to``, one pass over N·K
+bytes, dropped afterwards) and hand the product to a tuned library GEMM. (Measured on an H200,
+BENCHMARKS.md: the float8 GEMM is faster than fp16 from 2048 tokens on; cuBLASLt's int8 GEMM ran
+no faster than fp16.)
 
 * ``w4a4_fp8_linear``: 4-bit codes −8..7 are exact in ``float8_e4m3fn`` (3 mantissa bits hold
   integers up to 16), so ``torch._scaled_mm`` with row-wise scales (tokens × channels) computes

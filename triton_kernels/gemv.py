@@ -6,12 +6,16 @@ of its weights, so the kernel is organised around the weight stream: every progr
 of output channels, reads their packed rows front to back in wide contiguous loads (no mask on K
 when the block divides it) and keeps the tiny activation tile in cache.
 
-Arithmetic: both operands go to the tensor cores as float16 (bfloat16 for bfloat16 inputs).
-Integer activation codes (|v| ≤ 128) and weight codes (|v| ≤ 8) are exact in float16, and their
-products and sums stay integers below 2^24, so the float32 accumulator holds the exact integer dot
-product that the reference computes: W4A4/W4A8 results equal the reference's up to the order of
-the final float32 scale multiplications. For float activations (W4A16) the products are rounded as
-the tensor cores round x·w in the input dtype, like any fp16 GEMM.
+Two kinds of program, both in the autotuner's list: for one row, float32 multiply-adds into a
+(BLOCK_N, BLOCK_KB) accumulator reduced once at the end; for 2–16 rows (or one, if faster), two
+16-row tensor-core dots per K-block with both operands as float16 (bfloat16 for bfloat16 inputs).
+
+Arithmetic: integer activation codes (|v| ≤ 128) and weight codes (|v| ≤ 8) are exact in float16
+and float32, and for K < 16 384 their products and sums stay integers below 2^24, so the float32
+accumulator holds the exact integer dot product the reference computes: W4A4/W4A8 results equal
+the reference's up to the order of the final float32 scale multiplications. Float activations
+(W4A16) are multiplied in float32 by the one-row kernel and rounded to the input dtype by the
+tensor-core one, like any fp16 GEMM.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def _paths(m: int, k: int, x, q4, s4, q8, s8, w_packed, w_scale, w16, right):
         "unpack": lambda: int4.unpack_int4_to(w_packed, k, torch.int8),
         "rot+q": lambda: hadamard.rotate_quantize_triton(x, right, 4, 1.0),
     }
-    if m > gemv.MAX_M:  # the portable GEMM; no route takes it for fewer tokens (autotuning it costs a lease time)
+    if m > gemv.MAX_M:  # the portable GEMM; no route takes it for fewer tokens, and autotuning it takes a minute
         paths["triton-a4"] = lambda: gemm.w4a_int_linear_triton(q4, s4, w_packed, w_scale, None, k, half)
         paths["triton-a8"] = lambda: gemm.w4a_int_linear_triton(q8, s8, w_packed, w_scale, None, k, half)
     if cublas.int_mm_shape_ok(m, k, w_packed.shape[0]):

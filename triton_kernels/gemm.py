@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from asaf_fx.triton_kernels import cublas, gemv, routes
 from asaf_fx.triton_kernels._runtime import interpreting, pick_configs
 from asaf_fx.triton_kernels.int4 import check_group_size, dequantize_weight_int4, num_groups, unpack_int4
 from asaf_fx.triton_kernels.quantize import FLOAT_DTYPES
@@ -279,8 +280,6 @@ def w4a_int_linear_device(
 
     ``a_bits`` is the width the codes were quantized to (4 or 8): 4-bit codes may take float8.
     """
-    from asaf_fx.triton_kernels import cublas, gemv, routes
-
     _check_common(x_q, w_packed, w_scale, bias, group_size, out_dtype)
     _check_int_act(x_q, x_scale)
     route = routes.int_route(x_q, w_packed, group_size, a_bits)
@@ -308,8 +307,6 @@ def w4a16_linear_device(
     bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """:func:`w4a16_linear_torch` on the fastest kernel for its shape (``routes.float_route``)."""
-    from asaf_fx.triton_kernels import gemv, routes
-
     if routes.float_route(x, w_packed) != "gemv":
         return w4a16_linear_triton(x, w_packed, w_scale, bias, group_size, out_dtype)
     _check_common(x, w_packed, w_scale, bias, group_size, out_dtype)

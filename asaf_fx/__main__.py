@@ -1,7 +1,7 @@
 """python -m asaf_fx COMMAND ...: one entry point for the command-line tools.
 
-``run`` is the end-to-end pipeline (asaf_fx.pipeline); the others are the single steps, the same as
-``python -m asaf_fx.<module>``.
+``run`` is the end-to-end pipeline (``asaf_fx.run``); the others are its single steps. Each command
+is a thin layer in ``asaf_fx.cli`` over a Python function.
 """
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"run": "asaf_fx.pipeline", "calibrate": "asaf_fx.calibrate", "plan": "asaf_fx.plan",
-            "eval": "asaf_fx.eval", "bench": "asaf_fx.bench"}
+COMMANDS = {name: f"asaf_fx.cli.{name}" for name in ("run", "calibrate", "plan", "eval", "bench")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,17 +8,20 @@ A checkpoint is a directory holding
   forward tensor (``share_weights``) is stored once and listed under ``aliases``. The decode
   graph's KV-cache buffers are state, not weights, and are not stored. The header records the
   schema and the sha256 of the JSON body;
-* ``asaf_fx.json`` — what rebuilds the graphs: the transformers config, the QuantConfig, the plan,
-  the pruned MLP widths, the decode cache length, EOS ids, versions, the sha256 of each graph's
-  code, and the sha256 of ``model.safetensors``;
-* optionally the tokenizer's files (``save(..., tokenizer=)``), for ``python -m asaf_fx.eval DIR``.
+* ``asaf_fx.json`` — the graphs themselves (``asaf_fx.passes.graph_json``: nodes, calling
+  convention, attribute shapes), the transformers config, the QuantConfig, the plan, the decode
+  cache length, EOS ids, versions, the sha256 of each graph's code, and the sha256 of
+  ``model.safetensors``;
+* optionally the tokenizer's files (``save(..., tokenizer=)``), for ``python -m asaf_fx eval DIR``.
 
-``load`` rebuilds the graph *structure* — a seeded random-init model from the saved config, the
-same passes ``asaf_fx.compile`` runs (:func:`asaf_fx.compile.rewrite`), placeholders where compile
-used calibration data — then binds every tensor from the file, refusing any name, shape or dtype
-that differs from what the rebuilt graphs read. The two hashes bind the two files to each other:
-editing either one is refused. Files are written tensors first, JSON last, each atomically, so an
-interrupted save never leaves a directory that loads.
+``load`` rebuilds each graph from its JSON and binds the tensors from the file, memory-mapped,
+refusing any missing, unexpected or misshapen one; no model is built and no pass runs again, so a
+checkpoint loads in seconds and computes exactly what the saved model computed (every tensor is
+stored in the row-major layout the compiled graph already used). The rebuilt code must hash as
+the saved code did. The two file hashes bind the files to each other: editing either one is
+refused. Files are written tensors first, JSON last, each atomically, so an interrupted save never
+leaves a directory that loads; ``save`` refuses a directory that already holds a checkpoint unless
+asked to overwrite it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,23 +37,18 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-import asaf_fx.ops  # noqa: F401  registers the kernel ops the graphs call
+import asaf_fx.triton_kernels.ops  # noqa: F401  registers the kernel ops the graphs call
 from asaf_fx._atomic import atomic_path, sha256_file, write_text_atomic
-from asaf_fx.compile import rewrite
-from asaf_fx.compiled import CompiledModel
-from asaf_fx.config import CLIP_SEARCH, QuantConfig
-from asaf_fx.passes.capture import capture_decode, capture_forward
-from asaf_fx.passes.graph_utils import aten, get_tensor, is_op, set_tensor
-from asaf_fx.passes.infra import META_KEY
-from asaf_fx.passes.lower_linears import LinearLowering
-from asaf_fx.passes.prune_mlp import MlpPruning
-from asaf_fx.passes.rtn import QuantizedWeight
-from asaf_fx.passes.split_layers import decoder_linears
-from asaf_fx.sparsity_plan import Plan
+from asaf_fx.compiled_model import CompiledModel
+from asaf_fx.config import QuantConfig
+from asaf_fx.passes.graph_json import GraphFormatError, graph_from_json, graph_to_json
+from asaf_fx.passes.graph_utils import aten, get_tensor, is_op
+from asaf_fx.passes.infra import propagate_shapes
+from asaf_fx.plan import Plan
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "asaf_fx.checkpoint/1"
+SCHEMA = "asaf_fx.checkpoint/2"
 CONFIG_FILE = "asaf_fx.json"
 TENSORS_FILE = "model.safetensors"
 _ROTATION_OPS = (torch.ops.asaf_fx.hadamard_rotate, torch.ops.asaf_fx.hadamard_rotate_quantize)
@@ -119,7 +116,10 @@ def _storage_key(t: torch.Tensor) -> tuple:
 
 
 def _graphs(model: CompiledModel) -> dict[str, GraphModule]:
-    return {"forward": model.forward_graph, **({"decode": model.decode_graph} if model.decode_graph is not None else {})}
+    return {
+        "forward": model.forward_graph,
+        **({"decode": model.decode_graph} if model.decode_graph is not None else {}),
+    }
 
 
 def _collect(graphs: dict[str, GraphModule]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -166,38 +166,46 @@ def _embedding_dtype(gm: GraphModule) -> torch.dtype:
 # --- save ---
 
 
-def save(model: CompiledModel, path: str | os.PathLike, *, tokenizer=None) -> CheckpointInfo:
+def save(model: CompiledModel, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> CheckpointInfo:
     """Write ``model`` (from ``asaf_fx.compile``) to the directory ``path``; see the module docstring.
 
     ``tokenizer``, if given, is saved beside it (``save_pretrained``) so that
-    ``python -m asaf_fx.eval DIR`` can read text. Returns the tensors file's size, total and per kind.
+    ``python -m asaf_fx eval DIR`` can read text. A directory that already holds a checkpoint is
+    refused unless ``overwrite``. Returns the tensors file's size, total and per kind.
     """
     from safetensors.torch import save_file
 
     if not isinstance(model, CompiledModel):
-        raise TypeError(f"asaf_fx.save takes the CompiledModel that asaf_fx.compile returns, got {type(model).__name__}")
+        raise TypeError(
+            f"asaf_fx.save takes the CompiledModel that asaf_fx.compile returns, got {type(model).__name__}"
+        )
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+    if not overwrite and any((folder / name).exists() for name in (CONFIG_FILE, TENSORS_FILE)):
+        raise FileExistsError(f"asaf_fx.save: {folder} already holds a checkpoint; choose another directory or pass "
+                              "overwrite=True")
     graphs = _graphs(model)
+    try:
+        described = {kind: graph_to_json(gm, _mutated(gm)) for kind, gm in graphs.items()}
+        json.dumps(described)
+    except (GraphFormatError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"asaf_fx.save: the compiled graphs cannot be written as JSON ({exc})") from exc
     stored, aliases = _collect(graphs)
+    folder.mkdir(parents=True, exist_ok=True)
     by_kind: dict[str, int] = {}
     for key, tensor in stored.items():
         kind, _, target = key.partition("/")
         name = _kind(graphs[kind], target, tensor)
         by_kind[name] = by_kind.get(name, 0) + tensor.numel() * tensor.element_size()
-    meta = model.forward_graph.meta.get(META_KEY, {})
     body = {
         "schema": SCHEMA,
         "model_config": json.loads(model.config.to_json_string(use_diff=False)),
         "dtype": str(_embedding_dtype(model.forward_graph)).removeprefix("torch."),
         "quant": model.quant.to_dict(),
-        "rotation_seed": model.quant.seed,
         "plan": None if model.plan is None else json.loads(model.plan.to_json()),
-        "mlp_widths": meta.get("mlp_widths"),
         "max_cache_len": model.max_cache_len,
         "decode_batch": model.decode_batch,
         "eos_token_ids": model.eos_token_ids,
-        "graphs": {kind: {"code_sha256": _code_sha256(gm)} for kind, gm in graphs.items()},
+        "graphs": {kind: {"code_sha256": _code_sha256(gm), "graph": described[kind]} for kind, gm in graphs.items()},
         "aliases": aliases,
         "tensor_bytes": by_kind,
         "versions": _versions(),
@@ -258,84 +266,35 @@ def _check_hashes(folder: Path, config: dict[str, Any]) -> None:
                               f"the one recorded in {TENSORS_FILE}); restore it or save the model again")
 
 
-def _random_model(config: dict[str, Any], dtype: torch.dtype, device: torch.device):
-    """Seeded random-init model of the saved architecture (its weights are all overwritten)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _hf_config(values: dict[str, Any]):
+    """The transformers config the checkpoint recorded (no model is built from it)."""
+    from transformers import AutoConfig
 
-    values = dict(config)
+    values = dict(values)
     model_type = values.pop("model_type", None)
     if not isinstance(model_type, str):
         raise CheckpointError("asaf_fx.load: the saved transformers config has no model_type; save the model again")
-    hf_config = AutoConfig.for_model(model_type, **values)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device).eval()
+    return AutoConfig.for_model(model_type, **values)
 
 
-def _placeholder_prunings(widths: list[dict[str, int]] | None) -> Callable[[GraphModule], list | None]:
-    """The saved MLP widths as prunings that keep the first ``kept`` channels (values are overwritten)."""
-    if widths is None:
-        return lambda gm: None
-    try:
-        prunings = [None if int(w["kept"]) == int(w["width"]) else MlpPruning(torch.arange(int(w["kept"])))
-                    for w in widths]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"asaf_fx.load: malformed mlp_widths in {CONFIG_FILE} ({exc}); save the model again") from exc
-    return lambda gm: prunings
-
-
-def _placeholder_lowerings(quant: QuantConfig) -> Callable[[GraphModule], list[LinearLowering]]:
-    """Lowerings with zero codes and unit scales of the shapes compile's quantizers produce."""
-
-    def lowerings(gm: GraphModule) -> list[LinearLowering]:
-        result = []
-        for linear in (n for layer in decoder_linears(gm) for n in layer):
-            settings = quant.for_linear(linear.args[1].target)
-            weight = None
-            if settings["w_bits"] < 16:
-                rows, columns = get_tensor(gm, linear.args[1]).shape
-                group = settings["w_group_size"] or columns
-                device = get_tensor(gm, linear.args[1]).device
-                weight = QuantizedWeight(torch.zeros(rows, columns, dtype=torch.int8, device=device),
-                                         torch.ones(rows, -(-columns // group), device=device),
-                                         settings["w_bits"], group)
-            clip = settings["a_clip"]
-            if clip == CLIP_SEARCH:
-                if settings["a_bits"] < 16:
-                    raise CheckpointError(f"asaf_fx.load: {CONFIG_FILE} leaves the activation clip of "
-                                          f"{linear.args[1].target} to a search (a_clip={CLIP_SEARCH!r}) instead of "
-                                          "the ratio compile chose; save the compiled model again")
-                clip = 1.0
-            result.append(LinearLowering.make(weight, settings["a_bits"], clip))
-        return result
-
-    return lowerings
-
-
-def _bind(graphs: dict[str, GraphModule], tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
-    """Overwrite every tensor the rebuilt graphs read with the saved one; names, shapes, dtypes must agree."""
-    expected = {f"{kind}/{target}": (gm, target, t) for kind, gm in graphs.items()
-                for target, t in graph_tensors(gm).items()}
-    missing = sorted(set(expected) - set(aliases) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise CheckpointError(f"asaf_fx.load: {TENSORS_FILE} does not hold the tensors the rebuilt graphs read: "
-                              f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
-                              f"{extra[:5]}{' ...' if len(extra) > 5 else ''}; it was written for another model or "
-                              "asaf_fx version — save the model again")
-    bad_alias = sorted(k for k, v in aliases.items() if k not in expected or v not in tensors)
-    if bad_alias:
-        raise CheckpointError(f"asaf_fx.load: aliases {bad_alias[:5]} name tensors the graphs do not read; "
-                              "save the model again")
-    for key, (_, _, old) in expected.items():  # every check before the first write
-        new = tensors[aliases.get(key, key)]
-        if new.shape != old.shape or new.dtype != old.dtype:
-            raise CheckpointError(f"asaf_fx.load: tensor {key} is {new.dtype} {tuple(new.shape)} in {TENSORS_FILE} but "
-                                  f"the rebuilt graph reads {old.dtype} {tuple(old.shape)}; the file does not belong "
-                                  "to this config — save the model again")
-    for key, (gm, target, _) in expected.items():
-        set_tensor(gm, target, tensors[aliases.get(key, key)])
+def _rebuild(kind: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor], aliases: dict[str, str],
+             device: torch.device, used: set[str]) -> GraphModule:
+    """One graph from its JSON, reading its tensors from the file (shared ones through ``aliases``)."""
+    body = entry["graph"]
+    own = {}
+    for name, spec in body["attributes"].items():
+        if spec["state"]:
+            continue
+        key = f"{kind}/{name}"
+        source = aliases.get(key, key)
+        if source not in tensors:
+            raise CheckpointError(f"asaf_fx.load: {TENSORS_FILE} lacks tensor {key} that the {kind} graph reads; "
+                                  "save the model again")
+        own[name] = tensors[source]
+        used.add(source)
+    gm = graph_from_json(body, own, device)
+    propagate_shapes(gm)  # node shapes, which inspect() and the kernels' fake functions read
+    return gm
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", backend: str | None = "auto") -> CompiledModel:
@@ -354,33 +313,36 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", backend
     try:
         quant = QuantConfig.from_dict(config["quant"])
         plan = None if config["plan"] is None else Plan.from_json(json.dumps(config["plan"]))
-        dtype = getattr(torch, config["dtype"])
-        max_cache_len = config["max_cache_len"]
         aliases = dict(config["aliases"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"asaf_fx.load: {folder / CONFIG_FILE} lacks or garbles a field ({exc!r}); "
                               "save the model again") from exc
     device = torch.device(device)
-    model = _random_model(config["model_config"], dtype, device)
-    graphs = {"forward": capture_forward(model)}
-    if max_cache_len is not None:
-        graphs["decode"] = capture_decode(model, max_cache_len, int(config.get("decode_batch") or 1))
-    rewrite(list(graphs.values()), model, quant, _placeholder_prunings(config.get("mlp_widths")),
-            _placeholder_lowerings(quant))
+    tensors = load_file(str(folder / TENSORS_FILE), device=str(device))
+    graphs: dict[str, GraphModule] = {}
+    used: set[str] = set()
+    try:
+        for kind, entry in config["graphs"].items():
+            graphs[kind] = _rebuild(kind, entry, tensors, aliases, device, used)
+    except (GraphFormatError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"asaf_fx.load: {folder / CONFIG_FILE} does not describe a graph this asaf_fx can "
+                              f"rebuild ({exc!r}); save the model again") from exc
+    unexpected = sorted(set(tensors) - used)
+    if unexpected or "forward" not in graphs:
+        raise CheckpointError(f"asaf_fx.load: {TENSORS_FILE} holds tensors no graph reads ({unexpected[:5]}) or no "
+                              "forward graph; it was written for another model — save the model again")
     for kind, gm in graphs.items():
-        saved = config["graphs"].get(kind, {}).get("code_sha256")
-        if saved != _code_sha256(gm):
+        if config["graphs"][kind].get("code_sha256") != _code_sha256(gm):
             raise CheckpointError(f"asaf_fx.load: the rebuilt {kind} graph differs from the saved one (written with "
                                   f"{config.get('versions')}, loading with {versions}); load with the versions that "
                                   "wrote it, or compile and save the model again")
-    _bind(graphs, load_file(str(folder / TENSORS_FILE), device=str(device)), aliases)
-    return CompiledModel(graphs["forward"], graphs.get("decode"), model.config, quant,
+    return CompiledModel(graphs["forward"], graphs.get("decode"), _hf_config(config["model_config"]), quant,
                          plan=plan, eos_token_id=config.get("eos_token_ids"), backend=backend)
 
 
 
 def load_saved(path: str | os.PathLike, **kwargs) -> tuple[CompiledModel, Any]:
-    """(``load(path)``, the tokenizer saved beside it) — what ``python -m asaf_fx.eval MODEL_DIR`` reads."""
+    """(``load(path)``, the tokenizer saved beside it) — what ``python -m asaf_fx eval MODEL_DIR`` reads."""
     from transformers import AutoTokenizer
 
     folder = Path(path)

@@ -23,26 +23,26 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.fx import GraphModule
 
-from asaf_fx.compiled import CompiledModel
+from asaf_fx.compiled_model import CompiledModel
 from asaf_fx.config import CLIP_SEARCH, PruneConfig, QuantConfig
-from asaf_fx.passes.activation_clip import search_activation_clips
 from asaf_fx.passes.capture import capture_decode, capture_forward, check_model
-from asaf_fx.passes.fold_norms import FoldNorms
-from asaf_fx.passes.graph_utils import drop_dead_tensors
+from asaf_fx.passes.graph_utils import drop_dead_tensors, drop_input_guards, make_tensors_contiguous, structure_only
 from asaf_fx.passes.infra import GraphPass, PassManager, PatternError
 from asaf_fx.passes.layerwise import LayerwiseRunner
-from asaf_fx.passes.lower_linears import LinearLowering, LowerLinears
-from asaf_fx.passes.online_hadamard import OnlineHadamardDown, OnlineHadamardOut
-from asaf_fx.passes.prune_mlp import MlpPruning, PruneMlpChannels, select_mlp_channels
-from asaf_fx.passes.quantize_kv import QuantizeKV
-from asaf_fx.passes.quantize_weights import WeightQuantSpec, quantize_decoder_weights
-from asaf_fx.passes.rotate_qk import RotateQueryKey
-from asaf_fx.passes.rotate_residual import RotateResidual
-from asaf_fx.passes.rotate_vo import RotateValueOutput
+from asaf_fx.passes.lower.lower_linears import LinearLowering, LowerLinears
+from asaf_fx.passes.prune.prune_mlp import MlpPruning, PruneMlpChannels, select_mlp_channels
+from asaf_fx.passes.quantize.activation_clip import search_activation_clips
+from asaf_fx.passes.quantize.quantize_kv import QuantizeKV
+from asaf_fx.passes.quantize.quantize_weights import quantize_decoder_weights
+from asaf_fx.passes.rotate.fold_norms import FoldNorms
+from asaf_fx.passes.rotate.online_hadamard import OnlineHadamardDown, OnlineHadamardOut
+from asaf_fx.passes.rotate.rotate_qk import RotateQueryKey
+from asaf_fx.passes.rotate.rotate_residual import RotateResidual
+from asaf_fx.passes.rotate.rotate_vo import RotateValueOutput
+from asaf_fx.passes.rotate.untie_embeddings import UntieEmbeddings
 from asaf_fx.passes.share_weights import share_weights
 from asaf_fx.passes.split_layers import decoder_linears, layer_ends, split_decoder_layers
-from asaf_fx.passes.untie_embeddings import UntieEmbeddings
-from asaf_fx.sparsity_plan import Plan
+from asaf_fx.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -111,22 +111,14 @@ def _run(passes: list[GraphPass], gm: GraphModule, model) -> None:
             f"asaf_fx.compile: {type(model).__name__} is not a supported Llama-family architecture: {exc}") from exc
 
 
-def weight_spec(quant: QuantConfig, weight_name: str) -> WeightQuantSpec | None:
-    """How ``quant`` quantizes the weight attribute ``weight_name`` (None: it stays 16-bit)."""
-    s = quant.for_linear(weight_name)
-    return None if s["w_bits"] == 16 else WeightQuantSpec(bits=s["w_bits"], group_size=s["w_group_size"],
-                                                          method=s["w_method"], clip_search=quant.w_clip_search)
-
-
-def _lowerings(gm: GraphModule, quant: QuantConfig, calibration: list[torch.Tensor] | None,
+def linear_lowerings(gm: GraphModule, quant: QuantConfig, calibration: list[torch.Tensor] | None,
                on_stats=None) -> tuple[list[LinearLowering], dict[str, float]]:
     """Each decoder linear's lowering, in graph order, and the clip ratio chosen for each linear
     whose setting is a search (``a_clip="mse"``; 1.0 where its input stays 16-bit)."""
     names = [n.args[1].target for layer in decoder_linears(gm) for n in layer]
     settings = [quant.for_linear(name) for name in names]
-    specs = [weight_spec(quant, name) for name in names]
-    clips = {name: 1.0 for name, s in zip(names, settings) if s["a_clip"] == CLIP_SEARCH}
-    searched = {name: s["a_bits"] for name, s in zip(names, settings) if name in clips and s["a_bits"] < 16}
+    clips = {name: 1.0 for name, s in zip(names, settings) if s.a_clip == CLIP_SEARCH}
+    searched = {name: s.a_bits for name, s in zip(names, settings) if name in clips and s.a_bits < 16}
     if searched and not calibration:
         raise ValueError(f"a_clip={CLIP_SEARCH!r} chooses each activation clip on calibration data; pass calibration= "
                          "(token ids) or a fixed a_clip such as 0.9")
@@ -134,9 +126,9 @@ def _lowerings(gm: GraphModule, quant: QuantConfig, calibration: list[torch.Tens
     def search(runner, layer, states):
         clips.update(search_activation_clips(runner, layer, states, searched))
 
-    weights = (quantize_decoder_weights(gm, specs, calibration or (), on_stats, search if searched else None)
-               if any(specs) or searched else [None] * len(names))
-    lowerings = [LinearLowering.make(w, s["a_bits"], clips.get(name, s["a_clip"]))
+    weights = (quantize_decoder_weights(gm, settings, calibration or (), on_stats, search if searched else None)
+               if any(s.quantizes_weight for s in settings) or searched else [None] * len(names))
+    lowerings = [LinearLowering.make(w, s.a_bits, clips.get(name, s.a_clip))
                  for name, w, s in zip(names, weights, settings, strict=True)]
     return lowerings, clips
 
@@ -146,29 +138,37 @@ def rewrite(graphs: list[GraphModule], model, quant: QuantConfig,
             lowerings: Callable[[GraphModule], list[LinearLowering]]) -> None:
     """Run compile's pass sequence on ``graphs`` (forward first), sharing ``graphs[0]``'s tensors.
 
+    The weight values are computed once, on the forward graph; the other graphs follow every pass
+    in structure only and are then bound to the forward graph's tensors.
+
     ``prunings`` and ``lowerings`` are asked once, on the forward graph, at the point of the
     sequence where they are needed (after the residual rotation, after the online rotations);
     every graph gets the same rewrites with their answers. ``prunings`` returns None for "prune
-    nothing". ``compile`` answers from calibration data; ``asaf_fx.load`` with placeholders of the
-    saved shapes, whose values it then overwrites.
+    nothing". ``compile`` answers from calibration data; calibration also records what it needs.
     """
     forward = graphs[0]
-    for gm in graphs:
-        _run(residual_passes(quant), gm, model)
+
+    def each(make: Callable[[], list[GraphPass]]) -> None:
+        _run(make(), forward, model)
+        with structure_only():  # the other graphs read the forward graph's tensors in the end
+            for gm in graphs[1:]:
+                _run(make(), gm, model)
+
+    each(lambda: residual_passes(quant))  # these refuse an unsupported architecture first
+    quant.check_overrides([n.args[1].target for layer in decoder_linears(forward) for n in layer])
     chosen = prunings(forward)
     if chosen is not None:
-        for gm in graphs:
-            _run([PruneMlpChannels(chosen)], gm, model)
-    for gm in graphs:
-        _run(online_passes(quant) + ([QuantizeKV(quant.kv_bits)] if quant.kv_bits < 16 else []), gm, model)
+        each(lambda: [PruneMlpChannels(chosen)])
+    each(lambda: online_passes(quant) + ([QuantizeKV(quant.kv_bits)] if quant.kv_bits < 16 else []))
     if quant.quantizes:
         lowered = lowerings(forward)
-        for gm in graphs:
-            _run([LowerLinears(lowered)], gm, model)
+        each(lambda: [LowerLinears(lowered)])
     for gm in graphs[1:]:
-        share_weights(forward, gm)
+        share_weights(forward, gm, check_values=False)
     for gm in graphs:  # e.g. a tied embedding's original, which export leaves behind a dead node
+        drop_input_guards(gm)
         drop_dead_tensors(gm)
+    make_tensors_contiguous(graphs)
 
 
 def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantConfig | None = None,  # noqa: A001
@@ -217,7 +217,8 @@ def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantCon
         if not any(s > 0 for s in sparsities):
             return None
         if batches is None:
-            raise ValueError("a plan with non-zero sparsity needs calibration data to choose channels; pass calibration=")
+            raise ValueError("a plan with non-zero sparsity needs calibration data to choose channels; pass "
+                             "calibration=")
         runner = LayerwiseRunner(split_decoder_layers(gm))
         states = [runner.start(batch, False) for batch in batches]
         return select_mlp_channels(runner, states, sparsities, prune.granularity, prune.refit)
@@ -225,7 +226,7 @@ def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantCon
     chosen: dict[str, float] = {}
 
     def lowerings(gm: GraphModule) -> list[LinearLowering]:
-        lowered, clips = _lowerings(gm, quant, batches)
+        lowered, clips = linear_lowerings(gm, quant, batches)
         chosen.update(clips)
         return lowered
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import glob
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
+from asaf_fx.passes.quantize.quantize_weights import WEIGHT_METHODS, LinearQuant
+
 _BITS = (4, 8, 16)
-_W_METHODS = ("rtn", "gptq")
 _ROTATIONS = ("hadamard", "orthogonal")
 CLIP_SEARCH = "mse"
 # What a per-linear override may change: the settings that belong to one linear.
@@ -35,6 +37,10 @@ def _check_clip(owner: str, value: object) -> None:
                          f"{CLIP_SEARCH!r} (chosen per linear on the calibration data)")
 
 
+def _overridable(linear: LinearQuant) -> dict[str, Any]:
+    return {k: getattr(linear, k) for k in OVERRIDABLE}
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Quantization and rotation settings.
@@ -47,7 +53,7 @@ class QuantConfig:
         w_group_size: weight scales per group of this many input columns; None = per output channel.
         w_clip_search: choose each weight scale's clip factor by an MSE search (RTN and GPTQ);
             False takes the full range: faster to compile (the search is 40 passes over every
-            weight), a little less accurate; ``python -m asaf_fx.bench`` turns it off.
+            weight), a little less accurate; ``python -m asaf_fx bench`` turns it off.
         a_clip: activation clip ratio: per-token range = a_clip · max|x| (1 = none); or "mse": each
             linear's ratio is chosen from 1.0, 0.95, ..., 0.5 by the squared error of its output
             on the calibration data (needs calibration=; the compiled model's ``quant`` then
@@ -78,8 +84,8 @@ class QuantConfig:
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "kv_bits"):
             _check_bits("QuantConfig", name, getattr(self, name))
-        if self.w_method not in _W_METHODS:
-            raise ValueError(f"QuantConfig.w_method={self.w_method!r}: must be one of {_W_METHODS}")
+        if self.w_method not in WEIGHT_METHODS:
+            raise ValueError(f"QuantConfig.w_method={self.w_method!r}: must be one of {tuple(WEIGHT_METHODS)}")
         _check_group_size("QuantConfig", self.w_group_size)
         _check_clip("QuantConfig", self.a_clip)
         if self.rotation not in _ROTATIONS:
@@ -90,7 +96,8 @@ class QuantConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"QuantConfig.seed={self.seed!r}: must be a non-negative int")
         if not isinstance(self.overrides, dict):
-            raise ValueError(f"QuantConfig.overrides must be a dict of pattern -> settings, got {type(self.overrides).__name__}")
+            raise ValueError(f"QuantConfig.overrides must be a dict of pattern -> settings, got "
+                             f"{type(self.overrides).__name__}")
         for pattern, settings in self.overrides.items():
             owner = f"QuantConfig.overrides[{pattern!r}]"
             if not isinstance(pattern, str) or not isinstance(settings, dict):
@@ -106,7 +113,7 @@ class QuantConfig:
         bits += [s.get(k, 16) for s in self.overrides.values() for k in ("w_bits", "a_bits")]
         return min(bits) < 16
 
-    def for_linear(self, weight_name: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    def for_linear(self, weight_name: str, settings: dict[str, Any] | None = None) -> LinearQuant:
         """The settings of one linear: the first override whose pattern matches ``weight_name``."""
         if settings is None:
             settings = next((s for p, s in self.overrides.items() if fnmatch.fnmatchcase(weight_name, p)), {})
@@ -116,9 +123,19 @@ class QuantConfig:
         _check_bits(owner, "a_bits", merged["a_bits"])
         _check_group_size(owner, merged["w_group_size"])
         _check_clip(owner, merged["a_clip"])
-        if merged["w_method"] not in _W_METHODS:
-            raise ValueError(f"{owner}.w_method={merged['w_method']!r}: must be one of {_W_METHODS}")
-        return merged
+        if merged["w_method"] not in WEIGHT_METHODS:
+            raise ValueError(f"{owner}.w_method={merged['w_method']!r}: must be one of {tuple(WEIGHT_METHODS)}")
+        return LinearQuant(**merged, w_clip_search=self.w_clip_search)
+
+    def check_overrides(self, weight_names: Sequence[str]) -> None:
+        """Refuse an override pattern that matches none of ``weight_names`` (the model's decoder
+        linear weights): a typo would otherwise leave the linears it meant at the defaults."""
+        for pattern in self.overrides:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in weight_names):
+                close = difflib.get_close_matches(pattern, weight_names, n=3, cutoff=0.0)
+                raise ValueError(f"QuantConfig.overrides[{pattern!r}] matches no decoder linear weight of this model; "
+                                 f"names look like {', '.join(close)} (patterns match whole names: end with "
+                                 "'.weight', or '*')")
 
     def pin(self, settings: Mapping[str, Mapping[str, Any]]) -> QuantConfig:
         """This config with each named linear's settings changed by ``settings[name]``.
@@ -129,7 +146,9 @@ class QuantConfig:
         checkpoint then quantize with no search left to run); choosing 8-bit layers pins
         ``a_bits``.
         """
-        pinned = {glob.escape(name): {**self.for_linear(name), **change} for name, change in settings.items()}
+        pinned = {
+            glob.escape(name): {**_overridable(self.for_linear(name)), **change} for name, change in settings.items()
+        }
         return replace(self, overrides={**pinned, **{p: s for p, s in self.overrides.items() if p not in pinned}})
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,7 +179,7 @@ class PruneConfig:
             of it (kernel-friendly); it must divide the model's MLP width.
         refit: least-squares correction of down_proj over the kept channels on calibration data.
             Off by default: on SmolLM2 at 10% uniform sparsity it fitted the calibration data
-            but raised test perplexity (23.80 without, 24.74 with; README).
+            but raised test perplexity (23.80 without, 24.74 with; docs/results.md).
     """
 
     granularity: int = 32

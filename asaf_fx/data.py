@@ -1,7 +1,15 @@
-"""Evaluation text: WikiText-2 windows (GPTQ/QuaRot joining convention) and perplexity."""
+"""Text: WikiText-2 (embedded by default), windows in the GPTQ/QuaRot joining convention, perplexity.
+
+The package ships gzip copies of WikiText-2's validation split (for calibration) and test split (for
+evaluation) in ``asaf_fx/text/``, laid out like a data folder: ``wikitext-2/wiki.valid.tokens`` and
+``wikitext-2-raw/wiki.test.raw`` (source and licence in that folder's README). ``$ASAF_FX_DATA``
+names another folder with the same layout; a file there may be plain or gzip (``.gz``).
+"""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -10,25 +18,55 @@ from pathlib import Path
 import torch
 
 DATA_ENV = "ASAF_FX_DATA"
+EMBEDDED = Path(__file__).resolve().parent / "text"
 
 
-def data_dir(repo_root: Path | None = None) -> Path:
-    """The shared data folder: ``$ASAF_FX_DATA``, else ``../shared/data`` next to the repository."""
-    if os.environ.get(DATA_ENV):
-        return Path(os.environ[DATA_ENV])
-    root = repo_root if repo_root is not None else Path(__file__).resolve().parent.parent
-    return root.parent / "shared" / "data"
+def data_dir() -> Path:
+    """The data folder: ``$ASAF_FX_DATA``, else the WikiText-2 copies embedded in the package."""
+    return Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else EMBEDDED
+
+
+def _in_data(root: Path | None, relative: str) -> Path:
+    """``root/relative``, or its ``.gz`` copy where only that exists."""
+    path = (root if root is not None else data_dir()) / relative
+    packed = path.with_name(path.name + ".gz")
+    return packed if not path.is_file() and packed.is_file() else path
 
 
 def wikitext2_test_path(root: Path | None = None) -> Path:
-    return (root if root is not None else data_dir()) / "wikitext-2-raw" / "wiki.test.raw"
+    """The test split: evaluation only."""
+    return _in_data(root, "wikitext-2-raw/wiki.test.raw")
 
 
-def read_joined(path: Path) -> str:
-    """Lines without their line ends, joined with "\\n\\n" (the convention in shared/data/README.md)."""
-    with open(path, encoding="utf-8", newline="") as f:
+def wikitext2_valid_path(root: Path | None = None) -> Path:
+    """The validation split: calibration data (never calibrate on the test split)."""
+    return _in_data(root, "wikitext-2/wiki.valid.tokens")
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def read_joined(path: str | os.PathLike) -> str:
+    """Lines without their line ends, joined with "\\n\\n" (the WikiText-2 convention of GPTQ and QuaRot).
+
+    A ``.gz`` file is read decompressed."""
+    with _open_text(Path(path)) as f:
         lines = [line.rstrip("\r\n") for line in f]
     return "\n\n".join(lines)
+
+
+def text_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a text file's content (of the decompressed bytes for ``.gz``), so that a gzip copy
+    and the plain file it was made from are the same text."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def token_windows(tokenizer, text: str, seq_len: int = 2048, n_windows: int | None = None) -> torch.Tensor:
@@ -55,17 +93,14 @@ def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: torch
     return math.exp(total / count)
 
 
-def wikitext2_valid_path(root: Path | None = None) -> Path:
-    """The validation split: calibration data (never calibrate on the test split)."""
-    return (root if root is not None else data_dir()) / "wikitext-2" / "wiki.valid.tokens"
-
-
 def calibration_windows(tokenizer, path: str | os.PathLike, n_windows: int = 32, seq_len: int = 512,
                         seed: int = 0) -> torch.Tensor:
     """``n_windows`` windows of ``seq_len`` tokens drawn (seeded, without repeats) from a text file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"calibration text {path} does not exist; pass a text file (e.g. WikiText-2 validation)")
+        raise FileNotFoundError(
+            f"calibration text {path} does not exist; pass a text file (e.g. WikiText-2 validation)"
+        )
     pool = token_windows(tokenizer, read_joined(path), seq_len)
     if pool.shape[0] < n_windows:
         raise ValueError(f"{path} has only {pool.shape[0]} windows of {seq_len} tokens, {n_windows} were asked for; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,17 @@ def read_text(path: str | Path) -> str:
     try:
         text = read_joined(path)
     except UnicodeDecodeError as exc:
-        raise ValueError(f"text file {path} is not UTF-8 ({exc.reason} at byte {exc.start}); convert it to UTF-8") from exc
+        raise ValueError(
+            f"text file {path} is not UTF-8 ({exc.reason} at byte {exc.start}); convert it to UTF-8"
+        ) from exc
     if not text.strip():
         raise ValueError(f"text file {path} is empty; pass a file with text in it")
     return text
 
 
-def text_perplexity(model, tokenizer, path: str | Path, seq_len: int = 2048, windows: int | None = None) -> dict[str, Any]:
+def text_perplexity(
+    model, tokenizer, path: str | Path, seq_len: int = 2048, windows: int | None = None
+) -> dict[str, Any]:
     """Perplexity of ``model`` on the text of ``path``, WikiText-2 style.
 
     The file is read with the GPTQ/QuaRot convention (lines joined by blank lines,
@@ -60,7 +65,8 @@ def text_perplexity(model, tokenizer, path: str | Path, seq_len: int = 2048, win
     except ValueError as exc:  # too few tokens for windows × seq_len
         raise ValueError(f"{path}: {exc}; ask for fewer windows or a shorter seq_len, or use a longer file") from exc
     if ids.shape[0] == 0:
-        raise ValueError(f"{path} is shorter than one window of {seq_len} tokens; use a shorter seq_len or a longer file")
+        raise ValueError(f"{path} is shorter than one window of {seq_len} tokens; use a shorter seq_len or a longer "
+                         f"file")
     ppl = perplexity(lambda batch: model(batch).logits, ids)
     return {"file": str(path), "seq_len": seq_len, "windows": int(ids.shape[0]), "perplexity": ppl}
 
@@ -121,7 +127,9 @@ def _task_manager(tasks: Sequence[str], include_path: str | Path | None):
     manager = TaskManager(include_path=None if include_path is None else str(include_path))
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
-        where = "lm-eval's built-in tasks" + ("" if include_path is None else f" or the YAML files under {include_path}")
+        where = "lm-eval's built-in tasks" + (
+            "" if include_path is None else f" or the YAML files under {include_path}"
+        )
         raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}: not among {where}; "
                          "check the name, or write a task YAML and pass its folder as include_path")
     return manager
@@ -153,7 +161,7 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], *, include_path: str | P
 
     Tasks are lm-eval task names, built in or defined by YAML files under ``include_path``; a task
     reads local files with ``dataset_path: json`` and ``dataset_kwargs: {data_files: {test: /abs/path}}``
-    (see README). ``limit`` caps the documents per task; every random seed lm-eval takes is
+    (see docs/cli.md). ``limit`` caps the documents per task; every random seed lm-eval takes is
     ``seed``. Returns {"tasks": {task: {metric: value, "n": docs}}, "versions", "lm_eval_version",
     "limit", "seed"} and, with ``log_samples``, per-document "samples" (lm-eval's filtered
     responses: for log-likelihood tasks one (loglikelihood, is_greedy) pair per choice).
@@ -187,3 +195,27 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], *, include_path: str | P
                     "metrics": {m: _jsonable(s[m]) for m in s.get("metrics", []) if m in s}} for s in samples]
             for name, samples in out["samples"].items()}
     return result
+
+
+def evaluate(model, tokenizer, *, text: str | Path | None = None, seq_len: int = 2048, windows: int | None = 8,
+             tasks: Sequence[str] | None = None, include_path: str | Path | None = None, limit: int | None = None,
+             seed: int = 0) -> dict[str, Any]:
+    """Perplexity on ``text`` (windows of ``seq_len`` tokens from its start, ``None`` = all) and the
+    lm-eval ``tasks``; ``{"perplexity": ..., "lm_eval": ..., "seconds": ...}`` for what was asked."""
+    if text is None and not tasks:
+        raise ValueError("nothing to evaluate: give a text file, lm-eval tasks, or both")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise FileNotFoundError(f"include_path {include_path} is not a directory of lm-eval task YAML files")
+    seed_everything(seed)
+    report: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    if text is not None:
+        start = time.perf_counter()
+        report["perplexity"] = text_perplexity(model, tokenizer, text, seq_len, windows)
+        seconds["perplexity"] = time.perf_counter() - start
+    if tasks:
+        start = time.perf_counter()
+        report["lm_eval"] = run_lm_eval(model, tokenizer, tasks, include_path=include_path, limit=limit, seed=seed)
+        seconds["lm_eval"] = time.perf_counter() - start
+    report["seconds"] = seconds
+    return report

@@ -44,7 +44,9 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, dev
     else:
         path = Path(name_or_path).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"{key!r} is neither a known model ({', '.join(KNOWN_MODELS)}) nor an existing path")
+            raise FileNotFoundError(
+                f"{key!r} is neither a known model ({', '.join(KNOWN_MODELS)}) nor an existing path"
+            )
     kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
     if path.is_file():
         if path.suffix != ".gguf":
@@ -53,6 +55,8 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, dev
     else:
         source = str(path)
     log.info("loading %s", path)
-    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {})
+    )
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(device).eval()
     return model, tokenizer

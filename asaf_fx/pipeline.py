@@ -1,23 +1,23 @@
-"""python -m asaf_fx run --model smollm2|PATH --out DIR [--max-degradation 0.01]
+"""``asaf_fx.run``: the end-to-end pipeline behind ``python -m asaf_fx run``.
 
-End to end: optionally choose the decoder layers whose inputs get 8 instead of 4 bits
-(``--a8-layers``, by each layer's measured gain), calibrate a sensitivity table, solve a plan
-within the budget (a layer is pruned at one of the table's levels or left dense), compile the
-plan with rotation and quantization, and measure it on held-out text. When the measured degradation
-(ppl_asaf / ppl_base − 1 on the evaluation windows) exceeds the budget, the solver's budget is
-tightened to δ · budget / measured · 0.9 and the plan solved and compiled again, at most --rounds
-times. Writes DIR/table.safetensors, DIR/plan.json, DIR/model (asaf_fx.load), DIR/summary.json and,
-with --a8-layers, DIR/activation_gains.json.
+Optionally choose the decoder layers whose inputs get 8 instead of 4 bits (``a8_layers``, by each
+layer's measured gain), calibrate a sensitivity table, solve a plan within the budget (a layer is
+pruned at one of the table's levels or left dense), compile the plan with rotation and quantization,
+and measure it on held-out text. When the measured degradation (ppl_asaf / ppl_base − 1 on the
+evaluation windows) exceeds the budget, the solver's budget is tightened to
+δ · budget / measured · 0.9 and the plan solved and compiled again, at most ``rounds`` times. Writes
+OUT/table.safetensors, OUT/plan.json, OUT/model (asaf_fx.load), OUT/summary.json and, with
+``a8_layers``, OUT/activation_gains.json.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
-import sys
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +28,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as ProgressBar
 from rich.table import Table
 
-from asaf_fx import calibrate
 from asaf_fx._atomic import write_text_atomic
-from asaf_fx._cli import int_at_least
-from asaf_fx.calibration.activation_bits import BITS, ActivationGains, measure_activation_gains
-from asaf_fx.calibration.entries import MODES
+from asaf_fx.calibration.activation_gains import BITS, ActivationGains, measure_activation_gains
+from asaf_fx.calibration.calibrate import CalibrationConfig, calibrate, fingerprint
 from asaf_fx.calibration.progress import Progress
 from asaf_fx.checkpoint import save
 from asaf_fx.compile import compile as compile_model
 from asaf_fx.config import PruneConfig, QuantConfig
-from asaf_fx.data import (DATA_ENV, calibration_windows, data_dir, perplexity, token_windows, wikitext2_test_path,
-                          wikitext2_valid_path)
+from asaf_fx.data import calibration_windows, perplexity, token_windows, wikitext2_test_path, wikitext2_valid_path
 from asaf_fx.evaluate import read_text, seed_everything
 from asaf_fx.inspection import model_totals
-from asaf_fx.offline_text import offline_texts
+from asaf_fx.plan import Plan, uniform_plan
 from asaf_fx.solvers import InfeasibleError, solve
 from asaf_fx.solvers.problem import charged_degradation
-from asaf_fx.sparsity_plan import Plan, uniform_plan
 from asaf_fx.table import SensitivityTable
 
 SCHEMA = "asaf_fx.pipeline/1"
@@ -56,63 +52,57 @@ DEFAULT_EVAL_WINDOWS = 4
 TIGHTEN = 0.9  # aim this far below the budget when a round's measurement overshoots it
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m asaf_fx run", description="calibrate → solve → compile → measure, solving again "
-                                     "with a tighter budget while the measured degradation exceeds it")
-    parser.add_argument("--model", required=True, help="'smollm2', a transformers model directory or a .gguf file")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--max-degradation", type=float, default=0.01,
-                        help="budget: relative perplexity rise over the rotated-quantized model (default 0.01)")
-    parser.add_argument("--rounds", type=int_at_least(1), default=3,
-                        help="solve-compile-measure rounds at most (default 3)")
-    parser.add_argument("--text", type=Path, help="calibration text; default: the WikiText-2 validation split")
-    parser.add_argument("--eval-text", type=Path, help="evaluation text; default: the WikiText-2 test split")
-    parser.add_argument("--eval-windows", type=int_at_least(0), default=DEFAULT_EVAL_WINDOWS,
-                        help=f"evaluation windows from the start of --eval-text; 0: every whole window, which "
-                        f"takes longer (default {DEFAULT_EVAL_WINDOWS})")
-    parser.add_argument("--seq-len", type=int_at_least(1), default=2048, help="evaluation window tokens (default 2048)")
-    parser.add_argument("--windows", type=int_at_least(1), default=8, help="calibration windows (default 8)")
-    parser.add_argument("--cal-seq-len", type=int_at_least(1), default=256,
-                        help="calibration window tokens (default 256)")
-    parser.add_argument("--sparsities", type=calibrate._sparsities, default=DEFAULT_SPARSITIES,
-                        help=f"table levels, comma-separated, increasing (default {','.join(map(str, DEFAULT_SPARSITIES))})")
-    parser.add_argument("--mode", choices=MODES, default="per-layer", help="calibration mode (default per-layer)")
-    parser.add_argument("--max-length", type=int_at_least(1), help="longest measured group in --mode groups")
-    calibrate.add_quant_arguments(parser)
-    parser.add_argument("--a8-layers", type=int_at_least(0), default=0, metavar="K",
-                        help="raise the inputs of the K decoder layers that gain most from it (each layer measured "
-                             "on calibration text) from 4 to 8 bits; 0: none (default)")
-    parser.add_argument("--granularity", type=int_at_least(1), default=32, help="channels removed per block (default 32)")
-    parser.add_argument("--seed", type=int, default=0, help="window choice and rotations (default 0)")
-    args = parser.parse_args(argv)
-    if not math.isfinite(args.max_degradation) or args.max_degradation <= 0:
-        parser.error(f"--max-degradation must be a positive number, got {args.max_degradation}")
-    if (args.mode == "groups") != (args.max_length is not None):
-        parser.error("--max-length k goes with --mode groups, and --mode groups needs it")
-    try:
-        args.quant = calibrate.quant_config(args)
-    except (TypeError, ValueError) as exc:
-        parser.error(str(exc))
-    return args
+def default_quant() -> QuantConfig:
+    """The main job's quantization: W4A4KV4, GPTQ weights, activations clipped at 0.9."""
+    return QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="gptq", a_clip=0.9)
 
 
-def calibration_args(args: argparse.Namespace, text: Path) -> argparse.Namespace:
-    """The ``python -m asaf_fx.calibrate`` arguments this run's table is measured with (metric ppl)."""
-    argv = ["--model", str(args.model), "--text", str(text), "--out", str(args.out / "table.safetensors"),
-            "--mode", args.mode, "--sparsities", ",".join(repr(s) for s in args.sparsities),
-            "--windows", str(args.windows), "--seq-len", str(args.cal_seq_len), "--seed", str(args.seed),
-            "--metric", "ppl", "--w-bits", str(args.w_bits), "--a-bits", str(args.a_bits),
-            "--kv-bits", str(args.kv_bits), "--w-method", args.w_method, "--a-clip", str(args.a_clip),
-            "--granularity", str(args.granularity)]
-    argv += ["--max-length", str(args.max_length)] if args.max_length is not None else []
-    argv += ["--group-size", str(args.group_size)] if args.group_size is not None else []
-    argv += ["--overrides", json.dumps(args.overrides)] if args.overrides else []
-    return calibrate.parse_args(argv)
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings of :func:`run`.
+
+    ``max_degradation``: the budget, a relative perplexity rise over the rotated-quantized model.
+    ``rounds``: solve-compile-measure rounds at most. ``text``/``eval_text``: calibration and
+    evaluation text files (default: the WikiText-2 validation and test splits); ``eval_windows``
+    windows of ``seq_len`` tokens from the start of ``eval_text`` (0: every whole window).
+    ``a8_layers``: raise the inputs of the K decoder layers that gain most from it to 8 bits.
+    ``calibration.seed`` is the run's seed (windows, rotations) and must equal ``quant.seed``;
+    the table is measured with metric ``ppl``, the budget's unit.
+    """
+
+    max_degradation: float = 0.01
+    rounds: int = 3
+    text: str | os.PathLike | None = None
+    eval_text: str | os.PathLike | None = None
+    eval_windows: int = DEFAULT_EVAL_WINDOWS
+    seq_len: int = 2048
+    a8_layers: int = 0
+    quant: QuantConfig = field(default_factory=default_quant)
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(sparsities=DEFAULT_SPARSITIES))
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.max_degradation) or self.max_degradation <= 0:
+            raise ValueError(f"max_degradation must be a positive number, got {self.max_degradation}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {self.rounds}")
+        if self.eval_windows < 0 or self.seq_len < 1 or self.a8_layers < 0:
+            raise ValueError(f"eval_windows ({self.eval_windows}) and a8_layers ({self.a8_layers}) must be >= 0 "
+                             f"and seq_len ({self.seq_len}) >= 1")
+        if self.calibration.metric != "ppl":
+            raise ValueError(f"the budget is a relative perplexity rise: calibrate with metric 'ppl', "
+                             f"not {self.calibration.metric!r}")
+        if self.quant.seed != self.calibration.seed:
+            raise ValueError(f"quant.seed {self.quant.seed} differs from calibration.seed {self.calibration.seed}; "
+                             "the run has one seed: set both to the same value")
+
+    @property
+    def seed(self) -> int:
+        return self.calibration.seed
 
 
-def _existing(path: Path | None, default: Path, what: str) -> Path:
+def _existing(path: str | os.PathLike | None, default: Path, what: str) -> Path:
     """``path`` (or ``default``), checked before the model loads: it exists, is UTF-8 and not empty."""
-    chosen = path if path is not None else default
+    chosen = Path(path) if path is not None else default
     if not chosen.is_file():
         hint = f" (the default {what}; pass a file or set ASAF_FX_DATA)" if path is None else ""
         raise FileNotFoundError(f"{what} {chosen} does not exist{hint}")
@@ -120,64 +110,58 @@ def _existing(path: Path | None, default: Path, what: str) -> Path:
     return chosen
 
 
-def texts(args: argparse.Namespace, console: Console) -> tuple[Path, Path]:
-    """The calibration and evaluation texts: ``--text``/``--eval-text``, else WikiText-2 validation/test,
-    else (a machine without the shared data) the offline texts written into ``--out``."""
-    defaults = (wikitext2_valid_path(), wikitext2_test_path())
-    if any(given is None and not default.is_file() for given, default in zip((args.text, args.eval_text), defaults)):
-        offline = offline_texts(args.out)
-        console.print(f"WikiText-2 is not in {data_dir()} (set {DATA_ENV} to its folder): the missing texts default to "
-                      f"Python standard-library docstrings written to {offline[0]} (calibration) and {offline[1]} "
-                      "(evaluation); their perplexities are not WikiText-2 perplexities")
-        defaults = tuple(d if d.is_file() else o for d, o in zip(defaults, offline))
-    text = _existing(args.text, defaults[0], "calibration text")
-    eval_text = _existing(args.eval_text, defaults[1], "evaluation text")
+def texts(config: RunConfig) -> tuple[Path, Path]:
+    """The calibration and evaluation texts: the given files, else WikiText-2 validation and test."""
+    text = _existing(config.text, wikitext2_valid_path(), "calibration text")
+    eval_text = _existing(config.eval_text, wikitext2_test_path(), "evaluation text")
     if text.resolve() == eval_text.resolve():
         raise ValueError(f"{text} is both the calibration and the evaluation text; the measured degradation "
-                         "would be optimistic: evaluate on held-out text (--eval-text)")
+                         "would be optimistic: evaluate on held-out text")
     return text, eval_text
 
 
-def table_for(args: argparse.Namespace, cal_args: argparse.Namespace, loaded, text: Path,
-              console: Console) -> SensitivityTable:
-    """DIR/table.safetensors if it was measured with these settings, else calibrate (or resume) it."""
-    path = cal_args.out
+def table_for(model_name: str, out: Path, config: RunConfig, loaded, text: Path, console: Console) -> SensitivityTable:
+    """OUT/table.safetensors if it was measured with these settings, else calibrate (or resume) it."""
+    path = out / "table.safetensors"
     if path.is_file():
         table = SensitivityTable.load(path)
-        wanted = calibrate.fingerprint(cal_args, loaded[0], text)
-        same = (table.meta.get("fingerprint") == wanted and table.meta.get("mode") == args.mode
-                and table.meta.get("max_length") == args.max_length)
+        wanted = fingerprint(model_name, loaded[0], text, config.calibration, config.quant)
+        same = (table.meta.get("fingerprint") == wanted and table.meta.get("mode") == config.calibration.mode
+                and table.meta.get("max_length") == config.calibration.max_length)
         if not same:
             raise ValueError(f"{path} was measured with other settings (model, text, windows, quantization, levels "
-                             "or mode); delete it or choose another --out")
+                             "or mode); delete it or choose another output directory")
         console.print(f"reusing the finished table {path}")
         return table
-    return calibrate.run(cal_args, console, loaded=loaded)
+    return calibrate(loaded[0], config.quant, text, tokenizer=loaded[1], config=config.calibration, out=path,
+                     model_name=model_name, console=console)
 
 
-def activation_bits_for(args: argparse.Namespace, loaded, text: Path, console: Console) -> tuple[QuantConfig, dict[str, Any]]:
-    """``args.quant`` with the ``--a8-layers`` layers that gain most at 8 bits; and what to report.
+def activation_bits_for(model_name: str, out: Path, config: RunConfig, loaded, text: Path,
+                        console: Console) -> tuple[QuantConfig, dict[str, Any]]:
+    """``config.quant`` with the ``a8_layers`` layers that gain most at 8 bits; and what to report.
 
-    The gains are measured like the table's ξ (fitted on the first ``--windows`` calibration
-    windows, measured on as many others) and kept in DIR/activation_gains.json, which a rerun with
-    the same settings reuses; an interrupted measurement resumes from its progress file.
+    The gains are measured like the table's ξ (fitted on the first ``calibration.windows``
+    calibration windows, measured on as many others) and kept in OUT/activation_gains.json, which a
+    rerun with the same settings reuses; an interrupted measurement resumes from its progress file.
     """
+    cal = config.calibration
     num_layers = loaded[0].config.num_hidden_layers
-    if args.a8_layers > num_layers:
-        raise ValueError(f"--a8-layers {args.a8_layers}: the model has only {num_layers} decoder layers")
-    path = args.out / "activation_gains.json"
-    wanted = {k: v for k, v in calibrate.fingerprint(calibration_args(args, text), loaded[0], text).items()
+    if config.a8_layers > num_layers:
+        raise ValueError(f"a8_layers {config.a8_layers}: the model has only {num_layers} decoder layers")
+    path = out / "activation_gains.json"
+    wanted = {k: v for k, v in fingerprint(model_name, loaded[0], text, cal, config.quant).items()
               if k not in ("sparsities", "granularity")}
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved.get("fingerprint") != wanted:
             raise ValueError(f"{path} was measured with other settings (model, text, windows or quantization); "
-                             "delete it or choose another --out")
+                             "delete it or choose another output directory")
         gains = ActivationGains.from_dict(saved)
         console.print(f"reusing the measured activation gains {path}")
     else:
         model, tokenizer = loaded
-        windows = calibration_windows(tokenizer, text, 2 * args.windows, args.cal_seq_len, seed=args.seed)
+        windows = calibration_windows(tokenizer, text, 2 * cal.windows, cal.seq_len, seed=cal.seed)
         progress = Progress(path.with_name(path.name + ".progress.json"), wanted)  # entries (layer, 1, BITS)
         known = {layer: value for (layer, _, _), value in progress.values.items()}
         with ProgressBar(TextColumn("[bold]8-bit gain per layer"), BarColumn(), MofNCompleteColumn(),
@@ -188,15 +172,16 @@ def activation_bits_for(args: argparse.Namespace, loaded, text: Path, console: C
                 progress.record((layer, 1, BITS), value)
                 bar.advance(task)
 
-            gains = measure_activation_gains(model, args.quant, windows[: args.windows], windows[args.windows:],
+            gains = measure_activation_gains(model, config.quant, windows[: cal.windows], windows[cal.windows:],
                                              known=known, on_layer=record)
         write_text_atomic(path, json.dumps({**gains.to_dict(), "fingerprint": wanted}, indent=2) + "\n")
         progress.path.unlink()
-    layers, quant = gains.choose(args.quant, args.a8_layers)
-    console.print(f"8-bit inputs in {len(layers)} of {len(gains.gains)} layers ({', '.join(map(str, layers)) or 'none'}): "
-                  f"the {args.a8_layers} with the largest measured gain"
-                  + (f"; only {len(layers)} help at all" if len(layers) < args.a8_layers else ""))
-    return quant, {"bits": BITS, "asked": args.a8_layers, "layers": layers, "gains": gains.gains,
+    layers, quant = gains.choose(config.quant, config.a8_layers)
+    console.print(f"8-bit inputs in {len(layers)} of {len(gains.gains)} layers "
+                  f"({', '.join(map(str, layers)) or 'none'}): "
+                  f"the {config.a8_layers} with the largest measured gain"
+                  + (f"; only {len(layers)} help at all" if len(layers) < config.a8_layers else ""))
+    return quant, {"bits": BITS, "asked": config.a8_layers, "layers": layers, "gains": gains.gains,
                    "file": path.name}
 
 
@@ -214,40 +199,46 @@ def _ppl(model, windows: torch.Tensor) -> float:
 
 
 @dataclass
-class Result:
+class RunResult:
     summary: dict[str, Any]
     model: Any  # the saved CompiledModel
     plan: Plan
     table: SensitivityTable
 
 
-def run(args: argparse.Namespace, console: Console) -> Result:
+def run(model: str | os.PathLike, out: str | os.PathLike, config: RunConfig = RunConfig(),
+        console: Console | None = None) -> RunResult:
+    """Calibrate, solve, compile and measure ``model`` ('smollm2', a transformers directory or a .gguf
+    file) as ``config`` asks, writing every artefact into ``out``; a rerun reuses what is finished."""
     from asaf_fx.models import load_model
 
+    console = console if console is not None else Console(stderr=True, soft_wrap=True)
+    model_name, out = str(model), Path(out)
     started = time.perf_counter()
-    seed_everything(args.seed)
-    text, eval_text = texts(args, console)
-    model, tokenizer = load_model(args.model)
+    seed_everything(config.seed)
+    text, eval_text = texts(config)
+    model, tokenizer = load_model(model_name)
     try:
-        eval_ids = token_windows(tokenizer, read_text(eval_text), args.seq_len, args.eval_windows or None)
+        eval_ids = token_windows(tokenizer, read_text(eval_text), config.seq_len, config.eval_windows or None)
         if eval_ids.shape[0] == 0:
-            raise ValueError(f"text is shorter than one window of {args.seq_len} tokens")
+            raise ValueError(f"text is shorter than one window of {config.seq_len} tokens")
     except ValueError as exc:
-        raise ValueError(f"{eval_text}: {exc}; use fewer --eval-windows or a shorter --seq-len") from exc
-    every = (f" (every whole window: each of the ≥ 4 models evaluated takes {eval_ids.shape[0] / DEFAULT_EVAL_WINDOWS:.0f}× "
-             f"as long as with the default {DEFAULT_EVAL_WINDOWS})" if not args.eval_windows else "")
-    console.print(f"evaluating on {eval_ids.shape[0]} windows × {args.seq_len} tokens of {eval_text}{every}")
+        raise ValueError(f"{eval_text}: {exc}; use fewer evaluation windows or a shorter sequence length") from exc
+    every = (f" (every whole window: each of the ≥ 4 models evaluated takes "
+             f"{eval_ids.shape[0] / DEFAULT_EVAL_WINDOWS:.0f}× "
+             f"as long as with the default {DEFAULT_EVAL_WINDOWS})" if not config.eval_windows else "")
+    console.print(f"evaluating on {eval_ids.shape[0]} windows × {config.seq_len} tokens of {eval_text}{every}")
     activation_bits = None
-    if args.a8_layers:
-        args.quant, activation_bits = activation_bits_for(args, (model, tokenizer), text, console)
-        args.overrides = args.quant.overrides  # the table is measured on the mixed-precision model
-    cal_args = calibration_args(args, text)
-    table = table_for(args, cal_args, (model, tokenizer), text, console)
-    cal_ids = calibration_windows(tokenizer, text, args.windows, args.cal_seq_len, seed=args.seed)
-    prune = PruneConfig(granularity=args.granularity)
+    if config.a8_layers:
+        quant, activation_bits = activation_bits_for(model_name, out, config, (model, tokenizer), text, console)
+        config = dataclasses.replace(config, quant=quant)  # the table is measured on the mixed-precision model
+    cal = config.calibration
+    table = table_for(model_name, out, config, (model, tokenizer), text, console)
+    cal_ids = calibration_windows(tokenizer, text, cal.windows, cal.seq_len, seed=cal.seed)
+    prune = PruneConfig(granularity=cal.granularity)
 
     def build(plan: Plan | None, decode: bool = False):
-        return compile_model(model, plan, quant=args.quant, calibration=cal_ids, prune=prune, decode=decode)
+        return compile_model(model, plan, quant=config.quant, calibration=cal_ids, prune=prune, decode=decode)
 
     ppl_fp = _ppl(model, eval_ids)
     base = build(None)
@@ -255,12 +246,12 @@ def run(args: argparse.Namespace, console: Console) -> Result:
     console.print(f"perplexity: 16-bit {ppl_fp:.4f}, rotated-quantized {ppl_base:.4f}")
     del base
 
-    budget, delta = args.max_degradation, args.max_degradation
+    budget, delta = config.max_degradation, config.max_degradation
     levels = (float(table.sparsities[0]), float(table.sparsities[-1]))
     cheapest = float(np.nanmin(charged_degradation(table)[:, :, table.sparsities > 0]))
     rounds: list[dict[str, Any]] = []
     best = None  # (measured, plan, compiled, ppl)
-    for number in range(1, args.rounds + 1):
+    for number in range(1, config.rounds + 1):
         try:
             plan = solve(table, delta, min_sparsity=levels[0], max_sparsity=levels[1], allow_dense=True)
             if plan.flops_ratio >= 1.0 and rounds and cheapest < rounds[-1]["max_degradation"]:
@@ -291,7 +282,7 @@ def run(args: argparse.Namespace, console: Console) -> Result:
             break
         delta = delta * budget / measured * TIGHTEN
     if best is None:
-        raise InfeasibleError(f"no plan fits --max-degradation {budget:g} in this table: {rounds[-1]['infeasible']}")
+        raise InfeasibleError(f"no plan fits the budget {budget:g} in this table: {rounds[-1]['infeasible']}")
     measured, plan, compiled, ppl_asaf = best
     budget_met = measured <= budget
 
@@ -304,10 +295,10 @@ def run(args: argparse.Namespace, console: Console) -> Result:
     else:
         ppl_uniform, uniform_totals = ppl_base, base_totals
 
-    save(compiled, args.out / "model", tokenizer=tokenizer)
-    write_text_atomic(args.out / "plan.json", plan.to_json() + "\n")
+    save(compiled, out / "model", tokenizer=tokenizer)
+    write_text_atomic(out / "plan.json", plan.to_json() + "\n")
     summary = {
-        "schema": SCHEMA, "model": str(args.model), "budget": budget, "budget_met": budget_met,
+        "schema": SCHEMA, "model": model_name, "budget": budget, "budget_met": budget_met,
         "predicted_degradation": plan.predicted_degradation, "measured_degradation": measured,
         "flops_ratio": asaf_totals["flops"] / asaf_totals["dense_flops"], "plan_flops_ratio": plan.flops_ratio,
         "uniform_sparsity": uniform_s,
@@ -315,17 +306,17 @@ def run(args: argparse.Namespace, console: Console) -> Result:
         "ppl_fp": ppl_fp, "ppl_base": ppl_base, "ppl_asaf": ppl_asaf, "ppl_uniform": ppl_uniform,
         "bytes_of": "decoder linear weights (+ their scales)", "fp16_bytes": fp16_bytes(base_totals),
         "base_bytes": int(base_totals["weight_bytes"]), "asaf_bytes": int(asaf_totals["weight_bytes"]),
-        "eval_text": str(eval_text), "eval_windows": int(eval_ids.shape[0]), "seq_len": args.seq_len,
-        "calibration_text": str(text), "calibration_windows": args.windows, "calibration_seq_len": args.cal_seq_len,
-        "quant": args.quant.to_dict(), "activation_bits": activation_bits, "granularity": args.granularity,
+        "eval_text": str(eval_text), "eval_windows": int(eval_ids.shape[0]), "seq_len": config.seq_len,
+        "calibration_text": str(text), "calibration_windows": cal.windows, "calibration_seq_len": cal.seq_len,
+        "quant": config.quant.to_dict(), "activation_bits": activation_bits, "granularity": cal.granularity,
         "table_health": table.meta.get("health"),
         "rounds": rounds,
         "files": {"table": "table.safetensors", "plan": "plan.json", "model": "model"},
         "time_s": round(time.perf_counter() - started, 1),
     }
-    write_text_atomic(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     render(summary, console)
-    return Result(summary, compiled, plan, table)
+    return RunResult(summary, compiled, plan, table)
 
 
 def render(summary: dict[str, Any], console: Console) -> None:
@@ -349,19 +340,3 @@ def render(summary: dict[str, Any], console: Console) -> None:
                   f"after {len(summary['rounds'])} round(s)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    console = Console(stderr=True, soft_wrap=True)
-    try:
-        run(args, console)
-    except KeyboardInterrupt:
-        console.print(f"interrupted: calibration progress is saved in {args.out}; rerun the same command to continue")
-        return 130
-    except (FileNotFoundError, ValueError) as exc:  # InfeasibleError is a ValueError
-        console.print(f"error: {exc}", markup=False, highlight=False)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Speed measurements behind ``python -m asaf_fx.bench``: random Llama models, prefill, decode, memory.
+"""Speed measurements behind ``python -m asaf_fx bench``: random Llama models, prefill, decode, memory.
 
 Weights are random (seeded): the time of a GEMM does not depend on the values it multiplies, so a
 random model with a real model's shapes measures that model's speed without downloading it.
@@ -6,6 +6,7 @@ random model with a real model's shapes measures that model's speed without down
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import statistics
@@ -149,11 +150,11 @@ def measure_prefill(forward: Callable[[torch.Tensor], Any], *, batch: int, seq: 
     memory.reset()
     try:
         with torch.no_grad():
-            samples = time_call(lambda: forward(ids), device, warmup, repeats)
+            samples = time_call(functools.partial(forward, ids), device, warmup, repeats)
     except _oom_errors() as exc:
         return {"seq": seq, "batch": batch, "error": f"out of memory: {str(exc).splitlines()[0]}"}
     finally:
-        del ids
+        del ids  # the batch must not outlive the measurement (peak memory of the next one)
     median = statistics.median(samples)
     return {"seq": seq, "batch": batch, "latency_ms": median * 1e3, "samples_ms": [s * 1e3 for s in samples],
             "tokens_per_s": batch * seq / median, "peak_memory_bytes": memory.read()}

@@ -18,7 +18,9 @@ ever unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -28,7 +30,10 @@ import numpy as np
 
 from asaf_fx._atomic import atomic_path
 
-TABLE_SCHEMA = "asaf_fx.sensitivity_table/1"
+TABLE_SCHEMA = "asaf_fx.sensitivity_table/2"
+# Version 1 had no content hash; such files are still read, with a warning.
+_UNHASHED_SCHEMA = "asaf_fx.sensitivity_table/1"
+log = logging.getLogger(__name__)
 
 
 def _as_float_array(name: str, value: Any, ndim: int) -> np.ndarray:
@@ -83,7 +88,8 @@ class SensitivityTable:
         if not np.all(np.isfinite(layer_flops)) or np.any(layer_flops <= 0):
             bad = int(np.flatnonzero(~np.isfinite(layer_flops) | (layer_flops <= 0))[0])
             raise ValueError(
-                f"SensitivityTable: layer_flops must be finite and positive; layer {bad} has {float(layer_flops[bad])!r}"
+                f"SensitivityTable: layer_flops must be finite and positive; layer {bad} has "
+                f"{float(layer_flops[bad])!r}"
             )
         if not np.all(np.isfinite(sparsities)) or np.any(sparsities < 0) or np.any(sparsities >= 1):
             raise ValueError(f"SensitivityTable: every sparsity must lie in [0, 1); got {sparsities.tolist()}")
@@ -176,7 +182,8 @@ class SensitivityTable:
             "flops": np.ascontiguousarray(self.flops),
             "measured": self.measured.astype(np.uint8),
         }
-        header = {"schema": TABLE_SCHEMA, "meta": json.dumps(self.meta, sort_keys=True)}
+        meta = json.dumps(self.meta, sort_keys=True)
+        header = {"schema": TABLE_SCHEMA, "meta": meta, "content_sha256": _content_sha256(arrays, meta)}
         with atomic_path(path) as tmp:
             save_file(arrays, str(tmp), metadata=header)
 
@@ -194,13 +201,23 @@ class SensitivityTable:
         except SafetensorError as exc:
             raise ValueError(f"SensitivityTable.load: {path} is not a safetensors file ({exc})") from exc
         schema = header.get("schema")
-        if schema != TABLE_SCHEMA:
+        if schema is None:
+            raise ValueError(f"SensitivityTable.load: the header of {path} has no schema field {sorted(header)}: "
+                             f"the file "
+                             "is corrupt or was not written by SensitivityTable.save; measure the table again")
+        if schema not in (TABLE_SCHEMA, _UNHASHED_SCHEMA):
             raise ValueError(
                 f"SensitivityTable.load: {path} has schema {schema!r}; this asaf_fx reads {TABLE_SCHEMA!r}"
             )
         missing = {"layer_flops", "sparsities", "degradation", "flops"} - arrays.keys()
         if missing:
             raise ValueError(f"SensitivityTable.load: {path} lacks arrays {sorted(missing)}")
+        if schema == _UNHASHED_SCHEMA:
+            log.warning("%s has no content hash (schema %s): it cannot be checked for edits", path, schema)
+        elif header.get("content_sha256") != _content_sha256(arrays, header.get("meta", "")):
+            raise ValueError(f"SensitivityTable.load: the content of {path} does not match the sha256 recorded in its "
+                             "header: a value or the metadata was edited or corrupted after it was saved; measure the "
+                             "table again (python -m asaf_fx calibrate) or restore the file")
         try:
             meta = json.loads(header.get("meta", "{}"))
         except json.JSONDecodeError as exc:
@@ -213,3 +230,14 @@ class SensitivityTable:
             meta=meta,
             measured=arrays["measured"].astype(bool) if "measured" in arrays else None,
         )
+
+
+def _content_sha256(arrays: dict[str, np.ndarray], meta: str) -> str:
+    """sha256 over every array (name, dtype, shape, bytes, in name order) and the meta JSON text."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode())
+        digest.update(array.tobytes())
+    digest.update(meta.encode("utf-8"))
+    return digest.hexdigest()

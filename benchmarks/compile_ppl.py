@@ -8,7 +8,7 @@ Calibration: ``--calibration`` windows of 512 tokens drawn (seed 0) from the Wik
 split; evaluation: the first ``--windows`` windows of 2048 tokens of the *test* split (``--windows 0``:
 all). ``--sparsity`` applies a uniform plan (every layer at that sparsity). ``--a8-layers K`` raises
 the inputs of the K layers with the largest measured 8-bit gain to 8 bits
-(``asaf_fx.calibration.activation_bits``: fitted on the calibration windows, measured on the next
+(``asaf_fx.calibration.activation_gains``: fitted on the calibration windows, measured on the next
 16 windows of the same draw, also validation text); ``--a8-gains FILE`` keeps the gains for the
 next run (read if the file exists). Prints one line with the
 perplexity, the ratio to FP (``--fp`` evaluates the FP model in the same run) and the compiled
@@ -27,12 +27,19 @@ from pathlib import Path
 from rich.console import Console
 
 import asaf_fx
-from asaf_fx.calibrate import clip_ratio
-from asaf_fx.calibration.activation_bits import ActivationGains, measure_activation_gains
+from asaf_fx.calibration.activation_gains import ActivationGains, measure_activation_gains
+from asaf_fx.cli.arguments import clip_ratio
 from asaf_fx.config import CLIP_SEARCH
-from asaf_fx.data import calibration_windows, perplexity, read_joined, token_windows, wikitext2_test_path, wikitext2_valid_path
+from asaf_fx.data import (
+    calibration_windows,
+    perplexity,
+    read_joined,
+    token_windows,
+    wikitext2_test_path,
+    wikitext2_valid_path,
+)
 from asaf_fx.inspection import model_totals
-from asaf_fx.sparsity_plan import uniform_plan
+from asaf_fx.plan import uniform_plan
 
 A8_WINDOWS = 16  # validation windows of 512 tokens the 8-bit gains are measured on
 
@@ -83,7 +90,8 @@ def main() -> None:
     spent = time.perf_counter() - started
     ppl = perplexity(lambda ids: cm(ids).logits, test)
     totals = model_totals(cm)
-    line = (f"SmolLM2-135M · {'rotated' if quant.rotate else 'unrotated'} W{quant.w_bits}A{quant.a_bits}KV{quant.kv_bits} "
+    line = (f"SmolLM2-135M · {'rotated' if quant.rotate else 'unrotated'} "
+            f"W{quant.w_bits}A{quant.a_bits}KV{quant.kv_bits} "
             f"{quant.w_method} group {quant.w_group_size or 'channel'} a_clip {quant.a_clip}"
             f"{f' · uniform sparsity {args.sparsity:g}' + (' refit' if args.refit else '') if args.sparsity else ''}"
             f"{f' · overrides {json.dumps(args.overrides)}' if args.overrides else ''}"
@@ -99,8 +107,13 @@ def main() -> None:
         chosen: dict[str, Counter] = {}
         for name, settings in ((n, s) for n, s in cm.quant.overrides.items() if n not in args.overrides):
             chosen.setdefault(name.split(".")[-2], Counter())[settings["a_clip"]] += 1
-        print("chosen clip ratios (ratio: linears): " + "; ".join(
-            f"{kind} " + ", ".join(f"{c:g}: {n}" for c, n in sorted(counts.items())) for kind, counts in chosen.items()))
+        print(
+            "chosen clip ratios (ratio: linears): "
+            + "; ".join(
+                f"{kind} " + ", ".join(f"{c:g}: {n}" for c, n in sorted(counts.items()))
+                for kind, counts in chosen.items()
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ if [[ " $parts " == *" bench "* ]]; then
         for variant in $variants; do
             stamp "bench $preset $variant"
             # shellcheck disable=SC2086
-            timeout "${BENCH_S:-150}" $py -m asaf_fx.bench --preset "$preset" $layers --variants "$variant" \
+            timeout "${BENCH_S:-150}" $py -m asaf_fx bench --preset "$preset" $layers --variants "$variant" \
                 --seq ${SEQ:-512 2048 4096} --batch ${BATCH:-4} --repeats 3 --decode-tokens 64 \
                 --decode-batch ${DECODE_BATCH:-1} --out "$out/$preset-$variant.json" >"$out/$preset-$variant.log" 2>&1
             echo "exit $?"; grep -E "built in|seq [0-9]+ ×|decode batch|error|Error" "$out/$preset-$variant.log" | tail -12

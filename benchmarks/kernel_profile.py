@@ -2,7 +2,7 @@
 
     python benchmarks/kernel_profile.py --preset llama2-7b --layers 4 --variant w4a4kv4 [--seq 2048 --batch 4]
 
-Builds the variant exactly as ``python -m asaf_fx.bench`` does, runs one warm-up prefill and a few
+Builds the variant exactly as ``python -m asaf_fx bench`` does, runs one warm-up prefill and a few
 decode steps, then profiles one prefill and 8 decode steps and prints the kernels by total device
 time (the top ``--top``), so a reader sees which launches dominate: GEMMs, rotations,
 quantization, attention, elementwise. Without a CUDA GPU the table shows CPU operator times.
@@ -16,7 +16,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from asaf_fx import bench
+from asaf_fx import benchmark as bench
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,9 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-batch", type=int, default=1)
     p.add_argument("--top", type=int, default=25)
     opts = p.parse_args(argv)
-    args = bench.parse_args(["--preset", opts.preset, "--layers", str(opts.layers), "--seq", str(opts.seq),
-                             "--batch", str(opts.batch), "--decode-tokens", "8", "--decode-batch",
-                             str(opts.decode_batch), "--variants", opts.variant])
+    args = bench.resolve(
+        bench.BenchConfig(
+            preset=opts.preset,
+            layers=opts.layers,
+            seq=(opts.seq,),
+            batch=(opts.batch,),
+            decode_tokens=8,
+            decode_batch=(opts.decode_batch,),
+            variants=(opts.variant,),
+        )
+    )
     plan = bench.load_plan(args) if opts.variant == "asaf" else None
     forward, steps, _ = bench.build_variant(opts.variant, args, plan)
     step = steps[opts.decode_batch]

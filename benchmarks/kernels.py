@@ -108,8 +108,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     import triton
     import triton.testing
 
-    import asaf_fx.ops  # noqa: F401  registers torch.ops.asaf_fx
-    from asaf_fx.triton_kernels import hadamard, int4, quantize
+    import asaf_fx.triton_kernels.ops  # noqa: F401  registers torch.ops.asaf_fx
+    from asaf_fx.passes.quantize.rtn import quantize_rtn
+    from asaf_fx.triton_kernels import hadamard, quantize
 
     dev = "cuda"
     torch.manual_seed(0)
@@ -119,7 +120,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     for shape in args.shapes:
         k, n = (int(v) for v in shape.lower().split("x"))
         w16 = torch.randn(n, k, device=dev, dtype=torch.float16)
-        w_packed, w_scale = int4.quantize_weight_int4(w16)
+        q = quantize_rtn(w16, 4, clip_search=False)
+        w_packed, w_scale = q.packed(), q.scales
         _, m_odd = hadamard.split_width(k)
         right = torch.linalg.qr(torch.randn(m_odd, m_odd, dtype=torch.float64))[0].to(dev)
         for m in args.m:

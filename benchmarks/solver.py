@@ -33,7 +33,8 @@ def main() -> None:
 
     sparsities = np.round(np.arange(2, 31) * 0.005, 4)  # 29 levels: 1% .. 15%
     console = Console()
-    out = Table(title=f"solver benchmark · δ = {args.max_degradation} · 29 levels · {platform.processor() or platform.machine()}")
+    out = Table(title=f"solver benchmark · δ = {args.max_degradation} · 29 levels · "
+                      f"{platform.processor() or platform.machine()}")
     for column in ("layers", "budget levels", "method", "time (s)", "FLOPs saved", "predicted ξ", "groups"):
         out.add_column(column, justify="right")
     for layers in args.layers:

@@ -20,7 +20,7 @@ from rich.console import Console
 import asaf_fx
 from asaf_fx.data import calibration_windows, wikitext2_test_path
 from asaf_fx.evaluate import text_perplexity
-from asaf_fx.plan import render
+from asaf_fx.plan import render_plan
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     plan = asaf_fx.solve(table, args.max_degradation, min_sparsity=float(table.sparsities[0]),
                          max_sparsity=float(table.sparsities[-1]), allow_dense=True)
-    render(plan, table, console)
+    render_plan(plan, table, console)
 
     # The windows the table's model was fitted on (calibrate measures ξ on as many other ones).
     calibration = calibration_windows(tokenizer, meta["text"], meta["windows"], meta["seq_len"], seed=meta["seed"])
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     reloaded = asaf_fx.load(args.out)
     probe = calibration[:1]
     identical = torch.equal(reloaded(probe).logits, compiled(probe).logits)
-    console.print(f"saved {info.tensors_bytes:,} bytes of tensors to {info.path}; reloaded logits identical: {identical}")
+    console.print(f"saved {info.tensors_bytes:,} bytes of tensors to {info.path}; reloaded logits identical: "
+                  f"{identical}")
     return {"perplexity": ppl, "flops_ratio": plan.flops_ratio, "tensors_bytes": info.tensors_bytes,
             "identical": float(identical)}
 

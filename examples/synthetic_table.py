@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 import asaf_fx
-from asaf_fx.plan import render
+from asaf_fx.plan import render_plan
 from asaf_fx.synthetic import synthetic_table
 
 
@@ -33,11 +33,11 @@ def main() -> None:
     console.print(f"synthetic table ({args.layers} layers, {len(table.sparsities)} levels) saved to {args.out}")
     for method in asaf_fx.solvers.METHODS:
         plan = asaf_fx.solve(table, args.max_degradation, method=method)
-        render(plan, table, console)
+        render_plan(plan, table, console)
     plan_path = Path(args.out).with_suffix(".plan.json")
     plan = asaf_fx.solve(table, args.max_degradation)
     plan_path.write_text(plan.to_json())
-    console.print(f"exact plan written to {plan_path}; re-solve with: python -m asaf_fx.plan {args.out}")
+    console.print(f"exact plan written to {plan_path}; re-solve with: python -m asaf_fx plan {args.out}")
 
 
 if __name__ == "__main__":

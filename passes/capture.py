@@ -32,7 +32,8 @@ def check_model(model: object) -> None:
             f"{type(model).__name__} is not a causal LM with an output head; load it with "
             "transformers.AutoModelForCausalLM")
     if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(f"{type(model).__name__} is an encoder-decoder model; only decoder-only LMs are supported")
+        raise UnsupportedModelError(f"{type(model).__name__} is an encoder-decoder model; only decoder-only LMs are "
+                                    f"supported")
     meta = [name for name, p in model.named_parameters() if p.is_meta]
     if meta:
         raise UnsupportedModelError(

@@ -7,9 +7,10 @@ callers compare against that model.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
-
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.fx import GraphModule, Node
@@ -117,8 +118,32 @@ def set_tensor(gm: GraphModule, target: str, value: torch.Tensor) -> None:
         owner.register_buffer(name, value)
 
 
-def update_tensor(gm: GraphModule, node: Node, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Replace the tensor behind ``node`` by ``fn(tensor as float64)`` cast back to its dtype."""
+_STRUCTURE_ONLY = contextvars.ContextVar("asaf_fx_structure_only", default=False)
+
+
+@contextlib.contextmanager
+def structure_only() -> Iterator[None]:
+    """Within the block, :func:`update_tensor` skips transforms that keep a tensor's shape.
+
+    For a graph that goes through the same rewrites as another and then reads that graph's tensors
+    (``share_weights``): every pass must change its structure, but the values it would compute are
+    thrown away, and rotating each weight twice in float64 was most of a compile.
+    """
+    token = _STRUCTURE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _STRUCTURE_ONLY.reset(token)
+
+
+def update_tensor(gm: GraphModule, node: Node, fn: Callable[[torch.Tensor], torch.Tensor],
+                  same_shape: bool = False) -> None:
+    """Replace the tensor behind ``node`` by ``fn(tensor as float64)`` cast back to its dtype.
+
+    ``same_shape``: ``fn`` keeps the shape (a rotation), so under :func:`structure_only` it is skipped.
+    """
+    if same_shape and _STRUCTURE_ONLY.get():
+        return
     old = get_tensor(gm, node)
     with torch.no_grad():
         new = fn(old.detach().to(torch.float64)).to(old.dtype).contiguous()
@@ -168,6 +193,40 @@ def drop_dead_tensors(gm: GraphModule) -> None:
             owner._parameters.pop(attr, None)
             owner._buffers.pop(attr, None)
     gm.recompile()
+
+
+def drop_input_guards(gm: GraphModule) -> None:
+    """Remove the input-shape guard module ``torch.export`` calls first (``_guards_fn``).
+
+    It holds code generated at export time, which no file can carry, so a graph with it could not be
+    rebuilt from a checkpoint as it was compiled. What it checked, the decode graph's static batch and
+    one-token step, ``CompiledModel`` enforces by building the step's inputs itself.
+    """
+    for node in list(gm.graph.find_nodes(op="call_module")):
+        if node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    # Without the guard module, export's input pre-hook would check the placeholders' recorded shapes
+    # instead, and those are the small static examples shapes are propagated with, not the ranges.
+    if hasattr(gm, "validate_inputs"):
+        gm.validate_inputs = False
+    gm.recompile()
+
+
+def make_tensors_contiguous(graphs: list[GraphModule]) -> None:
+    """Hold every tensor the graphs read in row-major order, keeping tensors the graphs share shared.
+
+    A checkpoint stores tensors contiguous; a transposed view (e.g. an orthogonal factor built as
+    ``q.T``) would multiply in another order after loading and differ in the last bits.
+    """
+    done: dict[int, torch.Tensor] = {}
+    for gm in graphs:
+        for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
+            if not tensor.is_contiguous():
+                key = id(tensor)
+                if key not in done:
+                    done[key] = tensor.detach().contiguous()
+                set_tensor(gm, name, done[key])
 
 
 def first_node(gm: GraphModule) -> Node:

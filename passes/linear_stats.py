@@ -40,7 +40,7 @@ class _Recorder(Interpreter):
 
     Linears reading the same value (q/k/v, gate/up) share one statistics object, accumulated once.
     ``add`` is the one place rows are accumulated, so an experiment can record other statistics
-    (``benchmarks/gptq_objective.py``) without copying the graph walk.
+    without copying the graph walk.
     """
 
     def __init__(self, module: GraphModule, targets: dict[str, str], stats: dict[str, LinearStats]) -> None:

@@ -1,4 +1,4 @@
-"""Shared fixtures: the shared data folder, the SmolLM2 test model, tiny random Llama-family models.
+"""Shared fixtures: WikiText-2, the SmolLM2 test model, tiny random Llama-family models.
 
 Expensive objects (SmolLM2, captured graphs) are built once per session; tests that rewrite a graph
 get a deep copy, so no test sees another test's rewrites.
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 # triton.jit picks compiled or interpreted kernels when a kernel module is imported, so the
-# interpreter must be chosen before any test imports asaf_fx.ops: without a GPU, interpret.
+# interpreter must be chosen before any test imports asaf_fx.triton_kernels.ops: without a GPU, interpret.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from asaf_fx._threads import single_thread  # noqa: E402  (after the interpreter choice)
+from asaf_fx.passes.threads import single_thread  # noqa: E402  (after the interpreter choice)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,11 +32,12 @@ def _missing(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """``$ASAF_FX_DATA`` or ``../shared/data`` relative to the repository root."""
-    path = Path(os.environ["ASAF_FX_DATA"]) if os.environ.get("ASAF_FX_DATA") else REPO_ROOT.parent / "shared" / "data"
-    if not (path / "wikitext-2-raw" / "wiki.test.raw").is_file():
-        _missing(f"shared data not found at {path} (set ASAF_FX_DATA)")
+def wikitext2_test() -> Path:
+    """The WikiText-2 test split: ``$ASAF_FX_DATA``'s, else the copy embedded in the package."""
+    from asaf_fx.data import wikitext2_test_path
+
+    path = wikitext2_test_path()
+    assert path.is_file(), f"WikiText-2 test split not found at {path}: check ASAF_FX_DATA"
     return path
 
 

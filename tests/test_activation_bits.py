@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import asaf_fx
-from asaf_fx.calibration.activation_bits import ActivationGains, measure_activation_gains
-from asaf_fx.passes.activation_bits import QUANTIZERS, with_activation_bits
+from asaf_fx.calibration.activation_gains import ActivationGains, measure_activation_gains
 from asaf_fx.passes.graph_utils import is_op
+from asaf_fx.passes.quantize.activation_bits import QUANTIZERS, with_activation_bits
 
 CALIBRATION = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(3))
 HELD_OUT = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(4))
@@ -72,10 +72,10 @@ def test_choose_takes_the_most_helped_layers_and_only_those_that_help():
     layers, quant = gains.choose(base, 3)
     assert layers == [1, 2]  # layers 0 and 3 do not help
     assert gains.choose(base, 1)[0] == [1]
-    assert quant.for_linear(names[1][1])["a_bits"] == 8
-    assert quant.for_linear(names[1][0])["a_bits"] == 16  # a 16-bit input is not lowered to 8
-    assert quant.for_linear(names[2][1]) == {**base.for_linear(names[2][1]), "a_bits": 8}  # w_bits 8 kept
-    assert quant.for_linear(names[0][0])["a_bits"] == 4
+    assert quant.for_linear(names[1][1]).a_bits == 8
+    assert quant.for_linear(names[1][0]).a_bits == 16  # a 16-bit input is not lowered to 8
+    assert quant.for_linear(names[2][1]) == replace(base.for_linear(names[2][1]), a_bits=8)  # w_bits 8 kept
+    assert quant.for_linear(names[0][0]).a_bits == 4
     assert gains.choose(base, 0) == ([], base)
     with pytest.raises(ValueError, match="choose between 0 and 4 layers"):
         gains.choose(base, 5)

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 import asaf_fx
-from asaf_fx.checkpoint import CheckpointError, _placeholder_lowerings
 from asaf_fx.config import QuantConfig
-from asaf_fx.passes import activation_clip
-from asaf_fx.passes.activation_clip import CLIP_GRID, search_activation_clips
+from asaf_fx.passes.quantize import activation_clip
 from asaf_fx.passes.layerwise import LayerwiseRunner
+from asaf_fx.passes.quantize.activation_clip import CLIP_GRID, search_activation_clips
 from asaf_fx.passes.split_layers import split_decoder_layers
 
 CALIBRATION = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(7))
@@ -34,7 +33,9 @@ def test_each_input_gets_the_ratio_with_the_least_output_error(captured, tiny_mo
               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "down"}
     chosen_all = []
     for layer in range(runner.num_layers):
-        names = [f"model.layers.{layer}.{'self_attn' if groups[p] in ('attn', 'o') else 'mlp'}.{p}.weight" for p in groups]
+        names = [
+            f"model.layers.{layer}.{'self_attn' if groups[p] in ('attn', 'o') else 'mlp'}.{p}.weight" for p in groups
+        ]
         bits = {name: 8 if "down_proj" in name else 4 for name in names}
         chosen = search_activation_clips(runner, layer, states, bits)
         assert set(chosen) == set(names)
@@ -64,8 +65,8 @@ def test_compile_pins_the_chosen_ratios_in_the_returned_config(searched, tiny_mo
     for layer in range(2):
         for part, proj in (("self_attn", "q_proj"), ("self_attn", "o_proj"), ("mlp", "up_proj"), ("mlp", "down_proj")):
             settings = quant.for_linear(f"model.layers.{layer}.{part}.{proj}.weight")
-            clips[proj, layer] = settings["a_clip"]
-            assert settings["w_bits"] == 4 and settings["a_bits"] == (16 if proj == "down_proj" else 4)
+            clips[proj, layer] = settings.a_clip
+            assert settings.w_bits == 4 and settings.a_bits == (16 if proj == "down_proj" else 4)
     assert all(clips["q_proj", i] in CLIP_GRID and clips["up_proj", i] in CLIP_GRID for i in range(2))
     assert clips["o_proj", 0] == clips["o_proj", 1] == 0.9  # a fixed override is kept as given
     assert all(clips["down_proj", i] == 1.0 for i in range(2))  # 16-bit inputs: nothing to search
@@ -80,8 +81,3 @@ def test_compile_pins_the_chosen_ratios_in_the_returned_config(searched, tiny_mo
 def test_search_needs_calibration_data(tiny_models):
     with pytest.raises(ValueError, match="a_clip='mse' chooses each activation clip on calibration data"):
         asaf_fx.compile(tiny_models["llama"], quant=QuantConfig(w_bits=4, a_bits=4, a_clip="mse"), decode=False)
-
-
-def test_a_checkpoint_config_that_still_asks_for_a_search_is_refused(captured):
-    with pytest.raises(CheckpointError, match="leaves the activation clip of model.layers.0.self_attn.q_proj.weight"):
-        _placeholder_lowerings(QuantConfig(w_bits=4, a_bits=4, a_clip="mse"))(captured("llama"))

@@ -1,4 +1,4 @@
-"""python -m asaf_fx.bench: one in-process run of every variant on the tiny preset, and bad input."""
+"""asaf_fx.benchmark and python -m asaf_fx bench: every variant on the tiny preset, and bad input."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from asaf_fx.bench import CPU_LABEL, main
-from asaf_fx.sparsity_plan import uniform_plan
+from asaf_fx.benchmark import CPU_LABEL, BenchConfig, benchmark
+from asaf_fx.cli.bench import main
+from asaf_fx.plan import uniform_plan
 
 # One decoder layer keeps the two compiles (export + passes) of this run to a few seconds each.
 TINY_RUN = ["--preset", "tiny", "--layers", "1", "--seq", "16", "--batch", "1", "--decode-tokens", "2",
@@ -27,7 +28,7 @@ def test_report_labels_the_cpu_reference_path(report):
     assert report["schema"] == "asaf_fx.bench/2"
     assert report["device"] == "cpu" and report["kernels"] == "reference" and report["label"] == CPU_LABEL
     assert report["versions"]["torch"] and report["versions"]["transformers"]
-    assert report["command"].startswith("python -m asaf_fx.bench --preset tiny")
+    assert report["command"].startswith("python -m asaf_fx bench --preset tiny")
     assert report["layers_run"] == 1 and report["shape"]["layers"] == 2
     assert any("1 of 2 decoder layers" in note and "not extrapolated" in note for note in report["notes"])
 
@@ -41,9 +42,13 @@ def test_every_variant_has_plausible_figures(report):
         assert cell["peak_memory_bytes"] > 0, name
         assert [d["batch"] for d in result["decode"]] == [1, 2], name
         for cell in result["decode"]:
-            assert cell["tokens"] == 2 and cell["tokens_per_s"] == pytest.approx(cell["batch"] * 2 / cell["seconds"]), name
+            assert cell["tokens"] == 2 and cell["tokens_per_s"] == pytest.approx(cell["batch"] * 2 / cell["seconds"]), (
+                name
+            )
         assert result["weight_bytes"] > 0 and result["flops"] > 0, name
-    fp, fpc, int4, a8, asaf = (report["variants"][k] for k in ("fp16-eager", "fp16-compiled", "w4a4kv4", "w4a8kv4", "asaf"))
+    fp, fpc, int4, a8, asaf = (
+        report["variants"][k] for k in ("fp16-eager", "fp16-compiled", "w4a4kv4", "w4a8kv4", "asaf")
+    )
     assert fp["compile_s"] is None and int4["compile_s"] > 0 and asaf["compile_s"] > 0
     assert fpc["weight_bytes"] == fp["weight_bytes"] and fpc["flops"] == fp["flops"]  # compiled, not compressed
     assert a8["weight_bytes"] == int4["weight_bytes"] and a8["quant"]["a_bits"] == 8 and int4["quant"]["a_bits"] == 4
@@ -94,4 +99,21 @@ def test_plan_and_sparsity_are_exclusive(capsys):
 
 def test_cache_too_short_for_decode_is_refused(capsys):
     err = _error(capsys, ["--preset", "tiny", "--decode-tokens", "8", "--cache-len", "4"])
-    assert "--cache-len 4" in err and "raise --cache-len" in err
+    assert "cache length 4 holds fewer positions" in err and "raise it" in err
+
+
+def test_the_python_api_measures_without_the_cli():
+    config = BenchConfig(preset="tiny", layers=1, seq=(8,), batch=(1,), decode_tokens=0, variants=("fp16-eager",),
+                         warmup=0, repeats=1)
+    report = benchmark(config)
+    (cell,) = report["variants"]["fp16-eager"]["prefill"]
+    assert cell["seq"] == 8 and cell["latency_ms"] > 0 and report["command"] == "asaf_fx.benchmark"
+    with pytest.raises(ValueError, match="unknown variants"):
+        benchmark(BenchConfig(preset="tiny", variants=("int3",)))
+
+
+def test_a_table_given_as_plan_is_named(capsys, tmp_path: Path):
+    table = tmp_path / "table.safetensors"
+    table.write_bytes(b"\x80\x00\xff binary, as a safetensors header is")
+    err = _error(capsys, [*TINY_RUN[:-2], "--plan", str(table)])
+    assert "is not a plan JSON file" in err and "python -m asaf_fx plan TABLE --out plan.json" in err.replace("\n", " ")

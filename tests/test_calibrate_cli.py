@@ -1,5 +1,7 @@
-"""python -m asaf_fx.calibrate on a tiny saved model: the table it writes, resume, bad input."""
+"""asaf_fx.calibrate and python -m asaf_fx calibrate on a tiny saved model: the table, resume, bad input."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,9 +9,10 @@ import pytest
 import torch
 
 import asaf_fx
-from asaf_fx import calibrate
+from asaf_fx.calibration import calibrate as engine
 from asaf_fx.calibration.measure import DegradationMeter
 from asaf_fx.calibration.runner import progress_files
+from asaf_fx.cli import calibrate
 
 WORDS = ("the model reads a long text about rivers , hills and old towns ; each line adds a few more "
          "words so that the byte level windows have something to predict .").split()
@@ -40,7 +43,9 @@ def argv(model_dir, text_file, out, *extra):
 @pytest.fixture(scope="module")
 def groups_table(model_dir, text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "table.safetensors"
-    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "mse")) == 0
+    assert (
+        calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "mse")) == 0
+    )
     return out
 
 
@@ -61,7 +66,8 @@ def test_the_table_loads_solves_and_records_what_was_measured(groups_table):
     assert plan.num_layers == 4 and plan.flops < plan.dense_flops
 
 
-def test_interrupt_and_resume_give_the_identical_table(groups_table, model_dir, text_file, tmp_path, monkeypatch):
+def test_interrupt_and_resume_give_the_identical_table(groups_table, model_dir, text_file, tmp_path, monkeypatch,
+                                                      capsys):
     out = tmp_path / "table.safetensors"
     real = DegradationMeter.__call__
     calls = {"n": 0}
@@ -73,15 +79,26 @@ def test_interrupt_and_resume_give_the_identical_table(groups_table, model_dir, 
         return real(self, assignment)
 
     monkeypatch.setattr(DegradationMeter, "__call__", interrupting)
-    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "mse")) == 130
+    assert (
+        calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "mse"))
+        == 130
+    )
     assert not out.exists() and progress_files(out)
     monkeypatch.setattr(DegradationMeter, "__call__", real)
-    # progress made with other settings is refused, not mixed in
+    # progress made with other settings is refused, not mixed in, and before the base model is built
+    monkeypatch.setattr(engine, "build_calibration_model", lambda *a, **k: pytest.fail("built before the check"))
     assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "mse",
                           "--seed", "1")) == 2
+    assert "holds progress for another model or configuration" in capsys.readouterr().err
     # and so is progress made with a fixed clip ratio instead of the search
-    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "0.9")) == 2
-    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "mse")) == 0
+    assert (
+        calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "0.9")) == 2
+    )
+    monkeypatch.undo()
+    assert (
+        calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "mse")) == 0
+    )
+    assert "resuming: 4 values measured earlier" in capsys.readouterr().err
     resumed, whole = asaf_fx.SensitivityTable.load(out), asaf_fx.SensitivityTable.load(groups_table)
     for name in ("degradation", "flops", "measured", "layer_flops"):
         assert np.array_equal(getattr(resumed, name), getattr(whole, name), equal_nan=True), name
@@ -129,7 +146,7 @@ def test_bad_inputs_name_the_problem(model_dir, text_file, tmp_path, capsys):
 
 def test_xi_is_measured_on_windows_the_model_was_not_fitted_on(model_dir, text_file, tmp_path, monkeypatch):
     seen = {}
-    real_build, real_meter = calibrate.build_calibration_model, calibrate.DegradationMeter
+    real_build, real_meter = engine.build_calibration_model, engine.DegradationMeter
 
     def build(model, quant, calibration, *args, **kwargs):
         seen["fit"] = calibration
@@ -139,8 +156,8 @@ def test_xi_is_measured_on_windows_the_model_was_not_fitted_on(model_dir, text_f
         seen["measured"] = torch.cat(batches)
         return real_meter(cal, batches, metric)
 
-    monkeypatch.setattr(calibrate, "build_calibration_model", build)
-    monkeypatch.setattr(calibrate, "DegradationMeter", meter)
+    monkeypatch.setattr(engine, "build_calibration_model", build)
+    monkeypatch.setattr(engine, "DegradationMeter", meter)
     assert calibrate.main(argv(model_dir, text_file, tmp_path / "t.safetensors", "--sparsities", "0.1")) == 0
     fit = {tuple(row.tolist()) for row in seen["fit"]}
     measured = {tuple(row.tolist()) for row in seen["measured"]}
@@ -149,14 +166,42 @@ def test_xi_is_measured_on_windows_the_model_was_not_fitted_on(model_dir, text_f
 
 def test_health_flags_a_noise_dominated_grid(groups_table):
     clean = np.array([[0.001, 0.004, 0.01], [-0.001, 0.002, 0.003]])  # one small negative value: noise
-    report = calibrate.health(clean)
+    report = engine.health(clean)
     assert report["negative_fraction"] == pytest.approx(1 / 6) and report["falling_step_fraction"] == 0.0
     assert report["negative_mass"] == pytest.approx(0.001 / 0.02) and not report["noisy"]
     noisy = np.array([[-0.02, 0.03, -0.01], [0.01, -0.04, 0.02]])  # what SmolLM2 W4A4KV4 looked like
-    report = calibrate.health(noisy)
+    report = engine.health(noisy)
     assert report["negative_fraction"] == 0.5 and report["falling_step_fraction"] == 0.5
     assert report["negative_mass"] == pytest.approx(0.07 / 0.06) and report["noisy"]
     offset = np.array([[0.04, 0.02, 0.05], [0.03, 0.05, 0.02]])  # all positive, but no trend: noise
-    assert calibrate.health(offset)["negative_mass"] == 0.0 and calibrate.health(offset)["noisy"]
+    assert engine.health(offset)["negative_mass"] == 0.0 and engine.health(offset)["noisy"]
     table = asaf_fx.SensitivityTable.load(groups_table)
-    assert table.meta["health"] == calibrate.health(table.degradation[:, 0, :])
+    assert table.meta["health"] == engine.health(table.degradation[:, 0, :])
+
+
+def test_the_python_api_measures_what_the_cli_measures(model_dir, text_file, groups_table):
+    model, tokenizer = asaf_fx.load_model(str(model_dir))
+    config = asaf_fx.CalibrationConfig(mode="groups", max_length=2, sparsities=(0.1, 0.2), windows=4, seq_len=32)
+    quant = asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn", a_clip="mse")
+    table = asaf_fx.calibrate(model, quant, text_file, tokenizer=tokenizer, config=config, model_name=str(model_dir))
+    cli = asaf_fx.SensitivityTable.load(groups_table)
+    assert np.array_equal(table.degradation, cli.degradation, equal_nan=True)
+    assert table.meta["fingerprint"] == cli.meta["fingerprint"]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"mode": "groups"}, "max_length"),
+    ({"max_length": 2}, "applies to mode 'groups' only"),
+    ({"sparsities": (0.2, 0.1)}, "strictly increasing"),
+    ({"metric": "mse"}, "metric"),
+    ({"windows": 0}, "windows must be at least 1"),
+])
+def test_calibration_config_names_what_is_wrong(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        asaf_fx.CalibrationConfig(**kwargs)
+
+
+def test_the_dotted_command_still_runs_and_the_package_keeps_its_function():
+    done = subprocess.run([sys.executable, "-m", "asaf_fx.calibrate", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "python -m asaf_fx calibrate" in done.stdout
+    assert callable(asaf_fx.calibrate) and asaf_fx.calibrate is engine.calibrate

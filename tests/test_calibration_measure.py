@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import asaf_fx
 from asaf_fx.calibration.measure import DegradationMeter
 from asaf_fx.calibration.variants import build_calibration_model
-from asaf_fx.sparsity_plan import Group, Plan
+from asaf_fx.plan import Group, Plan
 
 CALIBRATION = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(3))
 SPARSITIES = (0.1, 0.2)  # granularity 32 on the tiny MLP (160): 32 and 64 channels

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asaf_fx.passes.channel_selection import (
+from asaf_fx.passes.prune.channel_selection import (
     channel_importance,
     channels_to_keep,
     channels_to_remove,

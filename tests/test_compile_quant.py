@@ -55,6 +55,13 @@ def test_overrides_by_weight_name(tiny_models):
     assert {(lin.w_bits, lin.a_bits) for lin in infos["1"].linears} == {(None, 16)}  # 8-bit weights stay float
 
 
+def test_an_override_that_matches_no_weight_names_the_closest(tiny_models):
+    quant = QuantConfig(w_bits=4, a_bits=8, overrides={"*.down_proj": {"a_bits": 4}})  # no ".weight"
+    with pytest.raises(ValueError, match=r"overrides\['\*\.down_proj'\] matches no decoder linear weight.*"
+                                         r"names look like model\.layers\.\d\.mlp\.down_proj\.weight"):
+        asaf_fx.compile(tiny_models["llama"], quant=quant, decode=False)
+
+
 def test_torch_compile_backend_runs_the_same_graph(tiny_models, tiny_ids, h):
     quant = QuantConfig(w_bits=4, a_bits=8)
     eager = asaf_fx.compile(tiny_models["qwen2"], quant=quant, decode=False, backend=None)
@@ -88,7 +95,10 @@ def test_w_clip_search_reaches_the_weight_quantizer(captured, monkeypatch, clip_
 
     compile_module = importlib.import_module("asaf_fx.compile")  # the attribute asaf_fx.compile is the function
     seen = []
-    monkeypatch.setattr(compile_module, "quantize_decoder_weights",
-                        lambda gm, specs, calibration, on_stats=None, before_layer=None: seen.extend(specs) or [None] * len(specs))
-    compile_module._lowerings(captured("llama"), QuantConfig(w_bits=4, w_clip_search=clip_search), None)
-    assert len(seen) == 14 and {s.clip_search for s in seen} == {clip_search}
+    monkeypatch.setattr(
+        compile_module,
+        "quantize_decoder_weights",
+        lambda gm, specs, calibration, on_stats=None, before_layer=None: seen.extend(specs) or [None] * len(specs),
+    )
+    compile_module.linear_lowerings(captured("llama"), QuantConfig(w_bits=4, w_clip_search=clip_search), None)
+    assert len(seen) == 14 and {s.w_clip_search for s in seen} == {clip_search}

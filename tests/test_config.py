@@ -1,5 +1,6 @@
 import dataclasses
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -43,8 +44,8 @@ def test_from_dict_rejects_unknown_fields_and_versions():
 
 def test_new_fields_and_overrides_validate():
     q = QuantConfig(w_bits=4, w_group_size=128, a_clip=0.9, overrides={"*.down_proj.*": {"a_bits": 8}})
-    assert q.for_linear("model.layers.3.mlp.down_proj.weight")["a_bits"] == 8
-    assert q.for_linear("model.layers.3.mlp.up_proj.weight")["a_bits"] == 16
+    assert q.for_linear("model.layers.3.mlp.down_proj.weight").a_bits == 8
+    assert q.for_linear("model.layers.3.mlp.up_proj.weight").a_bits == 16
     assert QuantConfig.from_dict(json.loads(json.dumps(q.to_dict()))) == q
     assert QuantConfig(overrides={"model.layers.0.*": {"w_bits": 4}}).quantizes
     with pytest.raises(ValueError, match="w_group_size=100"):
@@ -75,13 +76,13 @@ def test_version_3_configs_load_and_pinned_clips_override_every_pattern():
     searched = QuantConfig(w_bits=4, a_bits=4, a_clip="mse", overrides={"*.down_proj.weight": {"a_bits": 8}})
     down, odd = "model.layers.0.mlp.down_proj.weight", "model.layers.[1].mlp.down_proj.weight"
     pinned = searched.pin({down: {"a_clip": 0.75}, odd: {"a_clip": 0.8}})
-    assert pinned.for_linear(down) == {**searched.for_linear(down), "a_clip": 0.75}  # a_bits 8 kept
-    assert pinned.for_linear(odd)["a_clip"] == 0.8  # a name is matched literally, brackets and all
-    assert pinned.for_linear("model.layers.2.mlp.down_proj.weight")["a_clip"] == "mse"
+    assert pinned.for_linear(down) == replace(searched.for_linear(down), a_clip=0.75)  # a_bits 8 kept
+    assert pinned.for_linear(odd).a_clip == 0.8  # a name is matched literally, brackets and all
+    assert pinned.for_linear("model.layers.2.mlp.down_proj.weight").a_clip == "mse"
     assert QuantConfig.from_dict(json.loads(json.dumps(pinned.to_dict()))) == pinned
     up = "model.layers.0.mlp.up_proj.weight"
     raised = pinned.pin({up: {"a_bits": 8}, down: {"a_bits": 4}})  # pins compose: the earlier clip stays
-    assert raised.for_linear(up) == {**pinned.for_linear(up), "a_bits": 8}
-    assert raised.for_linear(down) == {**pinned.for_linear(down), "a_bits": 4, "a_clip": 0.75}
+    assert raised.for_linear(up) == replace(pinned.for_linear(up), a_bits=8)
+    assert raised.for_linear(down) == replace(pinned.for_linear(down), a_bits=4, a_clip=0.75)
     with pytest.raises(ValueError, match="unknown settings"):
         pinned.pin({up: {"kv_bits": 8}})

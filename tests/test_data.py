@@ -1,9 +1,19 @@
+import gzip
 import math
 
 import pytest
 import torch
 
-from asaf_fx.data import data_dir, perplexity, read_joined, token_windows
+from asaf_fx.data import (
+    EMBEDDED,
+    data_dir,
+    perplexity,
+    read_joined,
+    text_sha256,
+    token_windows,
+    wikitext2_test_path,
+    wikitext2_valid_path,
+)
 from asaf_fx.models import load_model
 
 
@@ -46,6 +56,33 @@ def test_perplexity_of_a_perfect_model_is_one():
 def test_data_dir_env_override(monkeypatch, tmp_path):
     monkeypatch.setenv("ASAF_FX_DATA", str(tmp_path))
     assert data_dir() == tmp_path
+    monkeypatch.delenv("ASAF_FX_DATA")
+    assert data_dir() == EMBEDDED
+
+
+# sha256 of the two files as published in WikiText-2 (shared/data/README.md; asaf_fx/text/README.md)
+TEST_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+VALID_SHA256 = "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"
+
+
+def test_the_embedded_wikitext2_is_the_published_text(monkeypatch):
+    monkeypatch.delenv("ASAF_FX_DATA", raising=False)
+    test, valid = wikitext2_test_path(), wikitext2_valid_path()
+    assert test == EMBEDDED / "wikitext-2-raw" / "wiki.test.raw.gz" and valid.name == "wiki.valid.tokens.gz"
+    assert text_sha256(test) == TEST_SHA256 and text_sha256(valid) == VALID_SHA256
+    assert read_joined(test).startswith(" = Robert Boulter = \n\n")
+
+
+def test_a_plain_file_is_preferred_and_reads_like_its_gzip_copy(tmp_path):
+    folder = tmp_path / "wikitext-2-raw"
+    folder.mkdir()
+    body = b" = T = \r\n a \r\nb\r\n"
+    (folder / "wiki.test.raw.gz").write_bytes(gzip.compress(body, mtime=0))
+    assert wikitext2_test_path(tmp_path) == folder / "wiki.test.raw.gz"
+    assert read_joined(folder / "wiki.test.raw.gz") == " = T = \n\n a \n\nb"
+    (folder / "wiki.test.raw").write_bytes(body)
+    assert wikitext2_test_path(tmp_path) == folder / "wiki.test.raw"
+    assert text_sha256(folder / "wiki.test.raw") == text_sha256(folder / "wiki.test.raw.gz")
 
 
 def test_load_model_errors(tmp_path):

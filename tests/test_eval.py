@@ -1,4 +1,4 @@
-"""Perplexity on a text file, lm-eval on a local task, and the python -m asaf_fx.eval CLI."""
+"""Perplexity on a text file, lm-eval on a local task, and the python -m asaf_fx eval CLI."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import asaf_fx
+from asaf_fx.cli.eval import main
 from asaf_fx.data import perplexity, read_joined, token_windows
-from asaf_fx.eval import main
 from asaf_fx.evaluate import run_lm_eval, text_perplexity
 
 LINES = [f"Line {i}: the quick brown fox jumps over {i % 7} lazy dogs." for i in range(40)]
@@ -166,8 +166,12 @@ def test_cli_errors_exit_2_with_the_problem_and_the_fix(tmp_path, text_file, cap
 
 
 def test_cli_bad_input_prints_no_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "asaf_fx.eval", "--model", "smollm2", "--text", str(tmp_path / "x.txt")],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "asaf_fx", "eval", "--model", "smollm2", "--text", str(tmp_path / "x.txt")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 2
     assert "x.txt does not exist" in done.stderr and "Traceback" not in done.stderr
     assert done.stdout == ""
@@ -200,10 +204,10 @@ def test_cli_unknown_task_names_where_it_looked(model_dir, task_dir, capsys):
 
 
 @pytest.mark.real_model
-def test_cli_smollm2_wikitext2_perplexity(smollm2, shared_data, monkeypatch, capsys):
+def test_cli_smollm2_wikitext2_perplexity(smollm2, wikitext2_test, monkeypatch, capsys):
     # The session's SmolLM2 stands in for the CLI's own load (same load_model("smollm2") call).
-    monkeypatch.setattr("asaf_fx.eval.load_model", lambda name: smollm2 if name == "smollm2" else None)
-    text = shared_data / "wikitext-2-raw" / "wiki.test.raw"
+    monkeypatch.setattr("asaf_fx.cli.eval.load_model", lambda name: smollm2 if name == "smollm2" else None)
+    text = wikitext2_test
     assert main(["--model", "smollm2", "--text", str(text), "--windows", "1", "--seq-len", "512"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["perplexity"]["windows"] == 1 and report["perplexity"]["seq_len"] == 512
@@ -223,7 +227,10 @@ def test_cli_on_a_model_dir_written_by_asaf_fx_save(tiny, tokenizer, text_file, 
     bare = tmp_path / "no-tokenizer"
     asaf_fx.save(compiled, bare)
     assert main([str(bare), "--text", str(text_file)]) == 2
-    assert "holds no tokenizer; save one beside the model with asaf_fx.save(model, dir, tokenizer=" in capsys.readouterr().err
+    assert (
+        "holds no tokenizer; save one beside the model with asaf_fx.save(model, dir, tokenizer="
+        in capsys.readouterr().err
+    )
     assert main([str(tmp_path / "nothing"), "--text", str(text_file)]) == 2
     assert "is not a directory; pass the directory asaf_fx.save wrote" in capsys.readouterr().err
 

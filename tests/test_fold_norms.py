@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from asaf_fx.passes.fold_norms import FoldNorms
 from asaf_fx.passes.infra import PassManager, PatternError
 from asaf_fx.passes.patterns import find_rmsnorms
-from asaf_fx.passes.untie_embeddings import UntieEmbeddings
+from asaf_fx.passes.rotate.fold_norms import FoldNorms
+from asaf_fx.passes.rotate.untie_embeddings import UntieEmbeddings
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])

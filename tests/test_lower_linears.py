@@ -10,8 +10,8 @@ from asaf_fx.compile import rotation_passes
 from asaf_fx.config import QuantConfig
 from asaf_fx.passes.graph_utils import count_op, get_tensor
 from asaf_fx.passes.infra import PassManager, PatternError
-from asaf_fx.passes.lower_linears import LinearLowering, LowerLinears
-from asaf_fx.passes.rtn import quantize_rtn
+from asaf_fx.passes.lower.lower_linears import LinearLowering, LowerLinears
+from asaf_fx.passes.quantize.rtn import quantize_rtn
 from asaf_fx.passes.split_layers import decoder_linears
 
 ops = torch.ops.asaf_fx

@@ -3,8 +3,8 @@ import torch
 
 from asaf_fx.passes.graph_utils import count_op, get_tensor
 from asaf_fx.passes.infra import PassManager, PatternError
-from asaf_fx.passes.online_hadamard import OnlineHadamardDown
 from asaf_fx.passes.patterns import find_swiglus
+from asaf_fx.passes.rotate.online_hadamard import OnlineHadamardDown
 
 HADAMARD = torch.ops.asaf_fx.hadamard_rotate.default
 

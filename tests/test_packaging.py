@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = "import asaf_fx, asaf_fx.passes, asaf_fx.triton_kernels.hadamard, asaf_fx.ops; print(asaf_fx.passes.__file__)"
+PROBE = ("import asaf_fx, asaf_fx.passes, asaf_fx.triton_kernels.hadamard, asaf_fx.triton_kernels.ops; "
+         "print(asaf_fx.passes.__file__)")
 
 
 def run_python(code: str, cwd: Path, env_path: str | None = None) -> str:
@@ -48,6 +49,9 @@ def test_wheel_has_one_top_level_package(wheel):
     for folder, target in installed.items():
         for source in (ROOT / folder).rglob("*.py"):
             assert f"{target}/{source.relative_to(ROOT / folder).as_posix()}" in names, source
+    # The embedded WikiText-2 and its attribution travel with the package.
+    for data in ("text/README.md", "text/wikitext-2/wiki.valid.tokens.gz", "text/wikitext-2-raw/wiki.test.raw.gz"):
+        assert f"asaf_fx/{data}" in names
 
 
 def test_regular_install_imports(wheel, tmp_path):

@@ -1,4 +1,4 @@
-"""python -m asaf_fx run on a tiny saved model: the files it writes, the re-solve loop, bad input."""
+"""asaf_fx.run and python -m asaf_fx run on a tiny saved model: the files it writes, the re-solve loop, bad input."""
 
 import importlib.util
 import io
@@ -14,6 +14,7 @@ from rich.console import Console
 import asaf_fx
 from asaf_fx import __main__ as entry
 from asaf_fx import pipeline
+from asaf_fx.cli import run as run_cli
 
 WORDS = ("the model reads a long text about rivers , hills and old towns ; each line adds a few more "
          "words so that the byte level windows have something to predict .").split()
@@ -40,9 +41,10 @@ def argv(inputs, out, *extra) -> list[str]:
             "--cal-seq-len", "32", "--sparsities", "0.1,0.2", "--w-method", "rtn", *extra]
 
 
-def run(args: list[str]) -> tuple[pipeline.Result, str]:
-    out = io.StringIO()
-    result = pipeline.run(pipeline.parse_args(args), Console(file=out, width=200))
+def run(args: list[str]) -> tuple[pipeline.RunResult, str]:
+    """The CLI's arguments, run through the Python API with the printout captured."""
+    out, parsed = io.StringIO(), run_cli.parse_args(args)
+    result = asaf_fx.run(parsed.model, parsed.out, parsed.config, Console(file=out, width=200))
     return result, out.getvalue()
 
 
@@ -103,19 +105,35 @@ def test_the_python_api_example_rebuilds_the_pipelines_model(generous, inputs, t
     assert asaf_fx.load(tmp_path / "model").plan.groups == result.plan.groups
 
 
-def test_quantization_overrides_reach_the_table_and_the_model(inputs, tmp_path):
-    overrides = {"*.down_proj.weight": {"a_bits": 8}}
-    args = pipeline.parse_args(argv(inputs, tmp_path / "out", "--overrides", json.dumps(overrides)))
-    assert args.quant.overrides == overrides
-    cal = pipeline.calibration_args(args, inputs["text"])
-    assert cal.quant == args.quant  # the table is measured on the model the pipeline compiles
+def test_the_python_api_runs_without_the_cli(inputs, tmp_path):
+    config = asaf_fx.RunConfig(
+        max_degradation=10, rounds=1, text=inputs["text"], eval_text=inputs["eval"], eval_windows=2, seq_len=64,
+        quant=asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn", a_clip=0.9),
+        calibration=asaf_fx.CalibrationConfig(windows=4, seq_len=32, sparsities=(0.1, 0.2)))
+    result = asaf_fx.run(inputs["model"], tmp_path / "out", config, Console(file=io.StringIO()))
+    assert result.summary["quant"] == config.quant.to_dict() and result.summary["calibration_windows"] == 4
+    assert result.table.meta["quant"] == config.quant.to_dict()  # the table is measured on the compiled model
+    assert asaf_fx.load(tmp_path / "out" / "model").plan.groups == result.plan.groups
 
 
-@pytest.mark.parametrize("clip", ["mse", "0.8"])
-def test_the_activation_clip_reaches_the_table(inputs, tmp_path, clip):
-    args = pipeline.parse_args(argv(inputs, tmp_path / "out", "--a-clip", clip))
-    assert args.quant.a_clip == (clip if clip == "mse" else float(clip))
-    assert pipeline.calibration_args(args, inputs["text"]).quant == args.quant
+@pytest.mark.parametrize("flag,value,expect", [
+    ("--overrides", json.dumps({"*.down_proj.weight": {"a_bits": 8}}), {"*.down_proj.weight": {"a_bits": 8}}),
+    ("--a-clip", "mse", "mse"),
+    ("--a-clip", "0.8", 0.8),
+])
+def test_quantization_options_reach_the_run_config(inputs, tmp_path, flag, value, expect):
+    config = run_cli.parse_args(argv(inputs, tmp_path / "out", flag, value)).config
+    assert (config.quant.overrides if flag == "--overrides" else config.quant.a_clip) == expect
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"max_degradation": 0.0}, "positive"),
+    ({"calibration": asaf_fx.CalibrationConfig(metric="kl")}, "metric 'ppl'"),
+    ({"quant": asaf_fx.QuantConfig(seed=1)}, "one seed"),
+])
+def test_run_config_refuses_what_the_run_cannot_do(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        asaf_fx.RunConfig(**kwargs)
 
 
 def test_an_overshooting_plan_is_tightened_and_rounds_are_bounded(generous, inputs, tmp_path, monkeypatch):
@@ -199,7 +217,7 @@ def test_bad_inputs_name_the_problem(generous, inputs, tmp_path, capsys):
         (argv({**inputs, "model": "no-such-model"}, tmp_path / "a"), "neither a known model"),
         (argv({**inputs, "text": tmp_path / "missing.txt"}, tmp_path / "b"), "does not exist"),
         (argv({**inputs, "eval": tmp_path / "missing.txt"}, tmp_path / "c"), "does not exist"),
-        (argv(inputs, tmp_path / "d", "--eval-windows", "400"), "fewer --eval-windows"),
+        (argv(inputs, tmp_path / "d", "--eval-windows", "400"), "fewer evaluation windows"),
         (argv(inputs, tmp_path / "d2", "--eval-windows", "0", "--seq-len", "100000"), "shorter than one window"),
         (argv({**inputs, "eval": inputs["text"]}, tmp_path / "e"), "both the calibration and the evaluation"),
         (argv(inputs, clash, "--seed", "1"), "other settings"),
@@ -227,26 +245,24 @@ def test_entry_point_lists_commands(capsys):
     assert entry.main([]) == 2 and "run" in capsys.readouterr().err
 
 
-def test_without_the_shared_data_it_runs_on_offline_text(inputs, tmp_path, monkeypatch):
-    monkeypatch.setenv("ASAF_FX_DATA", str(tmp_path / "no-data"))
+def test_without_text_arguments_it_measures_the_embedded_wikitext2(inputs, tmp_path, monkeypatch):
+    monkeypatch.delenv("ASAF_FX_DATA", raising=False)
     out = tmp_path / "out"
     args = argv(inputs, out, "--max-degradation", "10", "--rounds", "1")
     for flag in ("--text", "--eval-text"):  # drop the flag and its value: the defaults are what is tested
         at = args.index(flag)
         del args[at:at + 2]
     result, printed = run(args)
-    calibration, evaluation = out / "offline-calibration.txt", out / "offline-evaluation.txt"
-    assert result.summary["calibration_text"] == str(calibration) and result.summary["eval_text"] == str(evaluation)
-    assert "WikiText-2 is not in" in printed and "standard-library docstrings" in printed
-    assert calibration.read_text() != evaluation.read_text()
+    package = Path(asaf_fx.__file__).parent / "text"
+    assert result.summary["calibration_text"] == str(package / "wikitext-2" / "wiki.valid.tokens.gz")
+    assert result.summary["eval_text"] == str(package / "wikitext-2-raw" / "wiki.test.raw.gz")
     assert np.isfinite(result.summary["ppl_asaf"])
 
 
-def test_a_missing_default_text_falls_back_alone(inputs, tmp_path, monkeypatch):
+def test_a_data_folder_without_the_default_text_is_named(inputs, tmp_path, monkeypatch):
     monkeypatch.setenv("ASAF_FX_DATA", str(tmp_path / "no-data"))
-    args = pipeline.parse_args(["--model", "m", "--out", str(tmp_path / "o"), "--text", str(inputs["text"])])
-    text, eval_text = pipeline.texts(args, Console(file=io.StringIO()))
-    assert text == inputs["text"] and eval_text == tmp_path / "o" / "offline-evaluation.txt"
+    with pytest.raises(FileNotFoundError, match="no-data.*ASAF_FX_DATA"):
+        pipeline.texts(asaf_fx.RunConfig(text=inputs["text"]))
 
 
 def test_eval_windows_zero_evaluates_every_whole_window(inputs, tmp_path):
@@ -255,7 +271,9 @@ def test_eval_windows_zero_evaluates_every_whole_window(inputs, tmp_path):
     from asaf_fx.evaluate import read_text
 
     tokens = len(AutoTokenizer.from_pretrained(inputs["model"])(read_text(inputs["eval"]))["input_ids"])
-    result, printed = run(argv(inputs, tmp_path / "out", "--eval-windows", "0", "--max-degradation", "10", "--rounds", "1"))
+    result, printed = run(
+        argv(inputs, tmp_path / "out", "--eval-windows", "0", "--max-degradation", "10", "--rounds", "1")
+    )
     assert result.summary["eval_windows"] == tokens // 64 > 2
     assert f"evaluating on {tokens // 64} windows" in printed and "every whole window" in printed
 
@@ -274,7 +292,7 @@ def test_a8_layers_raise_the_most_helped_layers_everywhere_and_gains_are_reused(
     loaded = asaf_fx.load(out / "model")
     for names in saved["linears"]:
         for name in names:
-            assert loaded.quant.for_linear(name)["a_bits"] == (8 if name in raised else 4)
+            assert loaded.quant.for_linear(name).a_bits == (8 if name in raised else 4)
     assert asaf_fx.SensitivityTable.load(out / "table.safetensors").meta["quant"] == summary["quant"]
     assert f"8-bit inputs in {len(chosen)} of 4 layers" in printed
     again, printed = run(argv(inputs, out, "--max-degradation", "10", "--a-clip", "0.9", "--a8-layers", "2"))

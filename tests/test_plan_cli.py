@@ -1,4 +1,4 @@
-"""python -m asaf_fx.plan end to end."""
+"""python -m asaf_fx plan end to end."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from asaf_fx import Plan
-from asaf_fx.plan import main
+from asaf_fx.cli.plan import main
 from asaf_fx.synthetic import synthetic_table
 
 
@@ -49,7 +49,7 @@ def test_cli_runs_as_a_module(tmp_path):
     table_path = tmp_path / "table.safetensors"
     synthetic_table(5).save(table_path)
     done = subprocess.run(
-        [sys.executable, "-m", "asaf_fx.plan", str(table_path), "--max-degradation", "0.02"],
+        [sys.executable, "-m", "asaf_fx", "plan", str(table_path), "--max-degradation", "0.02"],
         capture_output=True,
         text=True,
         check=False,

@@ -8,7 +8,7 @@ from asaf_fx.inspection import layers, model_totals
 from asaf_fx.passes.infra import PassManager, PatternError
 from asaf_fx.passes.layerwise import LayerwiseRunner
 from asaf_fx.passes.patterns import find_swiglus
-from asaf_fx.passes.prune_mlp import MlpPruning, PruneMlpChannels, layer_linear_flops, select_mlp_channels
+from asaf_fx.passes.prune.prune_mlp import MlpPruning, PruneMlpChannels, layer_linear_flops, select_mlp_channels
 from asaf_fx.passes.split_layers import split_decoder_layers
 
 CALIBRATION = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(3))

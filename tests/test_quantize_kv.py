@@ -7,7 +7,7 @@ from asaf_fx.compile import rotation_passes
 from asaf_fx.config import QuantConfig
 from asaf_fx.passes.graph_utils import count_op
 from asaf_fx.passes.infra import PassManager, PatternError
-from asaf_fx.passes.quantize_kv import KV_DEQUANTIZE, KV_QUANTIZE, QuantizeKV
+from asaf_fx.passes.quantize.quantize_kv import KV_DEQUANTIZE, KV_QUANTIZE, QuantizeKV
 
 
 @pytest.mark.parametrize("kind", ["forward", "decode"])
@@ -21,7 +21,11 @@ def test_keys_and_values_of_every_attention_are_quantized(captured, kind):
         if node.target is KV_QUANTIZE:
             source = node.args[0]
             # keys after the online Q/K rotation, values straight out of v_proj; one group per head
-            expected = torch.ops.asaf_fx.hadamard_rotate.default if node.meta["asaf_fx"]["kv"] == "key" else torch.ops.aten.linear.default
+            expected = (
+                torch.ops.asaf_fx.hadamard_rotate.default
+                if node.meta["asaf_fx"]["kv"] == "key"
+                else torch.ops.aten.linear.default
+            )
             assert source.target is expected and node.args[2] == 48
 
 

@@ -23,7 +23,7 @@ from conftest import make_tiny
 import asaf_fx
 from asaf_fx.config import QuantConfig
 from asaf_fx.inspection import tensors_digest
-from asaf_fx.sparsity_plan import uniform_plan
+from asaf_fx.plan import uniform_plan
 
 torch.set_num_threads({threads})
 model = make_tiny("llama", intermediate_size=256)

@@ -4,7 +4,7 @@ import torch
 from asaf_fx.passes.graph_utils import count_op
 from asaf_fx.passes.infra import PassManager, PatternError
 from asaf_fx.passes.patterns import match_rope
-from asaf_fx.passes.rotate_qk import RotateQueryKey
+from asaf_fx.passes.rotate.rotate_qk import RotateQueryKey
 
 HADAMARD = torch.ops.asaf_fx.hadamard_rotate.default
 

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from asaf_fx.passes.fold_norms import FoldNorms
 from asaf_fx.passes.graph_utils import aten, get_tensor, is_op
 from asaf_fx.passes.infra import PassManager, PatternError
-from asaf_fx.passes.residual import find_residual_stream
-from asaf_fx.passes.rotate_residual import RotateResidual
-from asaf_fx.passes.untie_embeddings import UntieEmbeddings
+from asaf_fx.passes.rotate.fold_norms import FoldNorms
+from asaf_fx.passes.rotate.residual import find_residual_stream
+from asaf_fx.passes.rotate.rotate_residual import RotateResidual
+from asaf_fx.passes.rotate.untie_embeddings import UntieEmbeddings
 
 
 def _prepared(captured, arch):
@@ -39,8 +39,10 @@ def test_decode_graph_gets_the_same_rotation(captured, tiny_models):
     fwd, dec = _prepared(captured, "mistral"), captured("mistral", "decode")
     PassManager([UntieEmbeddings(), FoldNorms(), RotateResidual(seed=3)])(dec)
     PassManager([RotateResidual(seed=3)])(fwd)
-    emb = lambda gm: get_tensor(gm, next(n for n in gm.graph.nodes if is_op(n, aten.embedding)).args[0])
-    assert torch.equal(emb(fwd), emb(dec))
+    def embedding(gm):
+        return get_tensor(gm, next(n for n in gm.graph.nodes if is_op(n, aten.embedding)).args[0])
+
+    assert torch.equal(embedding(fwd), embedding(dec))
 
 
 def test_unfolded_norm_is_a_clear_error(captured, h):

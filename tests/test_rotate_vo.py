@@ -4,7 +4,7 @@ import torch
 from asaf_fx.passes.graph_utils import get_tensor
 from asaf_fx.passes.infra import PassManager, PatternError
 from asaf_fx.passes.patterns import find_attentions
-from asaf_fx.passes.rotate_vo import RotateValueOutput
+from asaf_fx.passes.rotate.rotate_vo import RotateValueOutput
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -32,7 +32,9 @@ def test_value_heads_rotated_and_outputs_kept(arch, kind, captured, tiny_models,
 def test_attention_without_rope_is_a_clear_error(negative_graph, h):
     gm = negative_graph("plain_attention")
     snap = h.snapshot(gm)
-    with pytest.raises(PatternError, match="query of scaled_dot_product_attention does not come from a rotate_half RoPE"):
+    with pytest.raises(
+        PatternError, match="query of scaled_dot_product_attention does not come from a rotate_half RoPE"
+    ):
         RotateValueOutput()(gm)
     h.assert_unchanged(gm, snap)
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-import asaf_fx.ops  # noqa: F401  registers torch.ops.asaf_fx.hadamard_rotate
-from asaf_fx.passes.rotations import online_rotation, random_orthogonal, residual_rotation
+import asaf_fx.triton_kernels.ops  # noqa: F401  registers torch.ops.asaf_fx.hadamard_rotate
+from asaf_fx.passes.rotate.rotations import online_rotation, random_orthogonal, residual_rotation
 
 
 @pytest.mark.parametrize("n", [1, 48, 80, 96, 576, 1536, 150])

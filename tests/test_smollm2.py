@@ -21,9 +21,9 @@ def rotated(smollm2):
 
 
 @pytest.fixture(scope="module")
-def windows(smollm2, shared_data):
+def windows(smollm2, wikitext2_test):
     tokenizer = smollm2[1]
-    return token_windows(tokenizer, read_joined(shared_data / "wikitext-2-raw" / "wiki.test.raw"), 2048, 8)
+    return token_windows(tokenizer, read_joined(wikitext2_test), 2048, 8)
 
 
 def test_structure_found(smollm2, rotated):

@@ -12,7 +12,7 @@ from rich.console import Console
 
 import asaf_fx
 from asaf_fx import InfeasibleError, SensitivityTable
-from asaf_fx.plan import render
+from asaf_fx.plan import render_plan
 from asaf_fx.solvers import METHODS
 from asaf_fx.solvers.problem import Problem, make_problem
 from asaf_fx.synthetic import synthetic_table
@@ -173,7 +173,7 @@ def test_allow_dense_leaves_layers_unpruned_where_the_budget_cannot_pay_for_them
         assert plan.stats["allow_dense"] is True
     nothing = asaf_fx.solve(table, 0.001, min_sparsity=0.05, allow_dense=True)
     assert nothing.layer_sparsity == (0.0, 0.0) and nothing.flops == nothing.dense_flops
-    render(plan, table, Console(file=io.StringIO()))  # an unpruned group has no table level: still renders
+    render_plan(plan, table, Console(file=io.StringIO()))  # an unpruned group has no table level: still renders
 
 
 def test_infeasible_when_nothing_is_measured():

@@ -121,3 +121,61 @@ def test_load_refuses_a_file_missing_arrays(tmp_path):
     )
     with pytest.raises(ValueError, match=r"lacks arrays \['degradation', 'flops', 'sparsities'\]"):
         SensitivityTable.load(path)
+
+
+def _resave_with(path, change_arrays=None, change_header=None):
+    """Rewrite a saved table's arrays or header in place, keeping its recorded hash: a corrupted file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        header = dict(f.metadata())
+        arrays = {key: f.get_tensor(key).copy() for key in f.keys()}
+    if change_arrays:
+        change_arrays(arrays)
+    if change_header:
+        change_header(header)
+    save_file(arrays, str(path), metadata=header)
+
+
+def _saved_table(tmp_path):
+    path = tmp_path / "t.safetensors"
+    SensitivityTable(np.ones(3), np.array([0.1, 0.2]), small_degradation(), meta={"metric": "ppl"}).save(path)
+    return path
+
+
+def test_an_edited_value_is_refused(tmp_path):
+    path = _saved_table(tmp_path)
+    SensitivityTable.load(path)  # intact: loads
+
+    def flip(arrays):
+        arrays["degradation"][0, 0, 0] = -arrays["degradation"][0, 0, 0]
+
+    _resave_with(path, change_arrays=flip)
+    with pytest.raises(ValueError, match="does not match the sha256 recorded in its header"):
+        SensitivityTable.load(path)
+
+
+def test_edited_metadata_is_refused(tmp_path):
+    path = _saved_table(tmp_path)
+    _resave_with(path, change_header=lambda h: h.update(meta=json.dumps({"metric": "kl"})))
+    with pytest.raises(ValueError, match="does not match the sha256"):
+        SensitivityTable.load(path)
+
+
+def test_a_header_without_schema_says_the_file_is_corrupt(tmp_path):
+    path = _saved_table(tmp_path)
+    _resave_with(path, change_header=lambda h: h.update(schemb=h.pop("schema")))  # one flipped bit in a key
+    with pytest.raises(ValueError, match="has no schema field.*corrupt"):
+        SensitivityTable.load(path)
+
+
+def test_a_version_1_table_without_hash_still_loads(tmp_path, caplog):
+    path = _saved_table(tmp_path)
+
+    def downgrade(header):
+        header["schema"] = "asaf_fx.sensitivity_table/1"
+        del header["content_sha256"]
+
+    _resave_with(path, change_header=downgrade)
+    assert SensitivityTable.load(path).meta == {"metric": "ppl"}
+    assert "no content hash" in caplog.text

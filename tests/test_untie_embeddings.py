@@ -3,7 +3,7 @@ import torch
 
 from asaf_fx.passes.graph_utils import aten, get_tensor, is_op, storage_key
 from asaf_fx.passes.infra import PassManager, PatternError
-from asaf_fx.passes.untie_embeddings import UntieEmbeddings
+from asaf_fx.passes.rotate.untie_embeddings import UntieEmbeddings
 
 
 def _embedding(gm):

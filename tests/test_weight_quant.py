@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asaf_fx.passes.gptq import quantize_gptq
-from asaf_fx.passes.rtn import quantize_rtn, search_scales
+from asaf_fx.passes.quantize.gptq import quantize_gptq
+from asaf_fx.passes.quantize.rtn import quantize_rtn, search_scales
 
 
 def correlated_inputs(samples: int, features: int, seed: int = 0) -> torch.Tensor:

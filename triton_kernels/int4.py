@@ -1,4 +1,6 @@
-"""INT4 weight storage: nibble packing and symmetric round-to-nearest weight quantization.
+"""INT4 weight storage: nibble packing and unpacking, and the scale layout the kernels read.
+
+The codes themselves come from the weight quantizers in ``asaf_fx.passes.quantize`` (RTN, GPTQ).
 
 Packed layout (used by every INT4 kernel here):
 
@@ -69,27 +71,6 @@ def check_group_size(k: int, group_size: int) -> None:
         raise ValueError(
             f"group_size must equal K={k} (per output channel) or be a positive multiple of 64, got {group_size}"
         )
-
-
-def quantize_weight_int4(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric round-to-nearest INT4 quantization of a weight (N, K), computed in float64.
-
-    Returns ``(packed uint8 (N, ceil(K/2)), scale float32 (N, G))`` with
-    ``scale = max|w_group| / 7`` (all-zero groups get scale 0 and q = 0) and
-    ``q = clamp(round(w / scale), -8, 7)``. ``group_size=None`` means per output channel.
-    GPTQ or other solvers can produce their own ``q`` and call :func:`pack_int4` directly.
-    """
-    if w.dim() != 2 or not w.is_floating_point():
-        raise ValueError(f"quantize_weight_int4 needs a float (N, K) weight, got {w.dtype} {tuple(w.shape)}")
-    n, k = w.shape
-    group_size = k if group_size is None else group_size
-    check_group_size(k, group_size)
-    g = num_groups(k, group_size)
-    wd = torch.nn.functional.pad(w.to(torch.float64), (0, g * group_size - k)).reshape(n, g, group_size)
-    scale = wd.abs().amax(-1) / INT4_MAX
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(wd / safe[..., None]).clamp(INT4_MIN, INT4_MAX).reshape(n, -1)[:, :k]
-    return pack_int4(q.to(torch.int8)), scale.to(torch.float32)
 
 
 def dequantize_weight_int4(packed: torch.Tensor, scale: torch.Tensor, k: int, group_size: int) -> torch.Tensor:

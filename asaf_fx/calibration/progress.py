@@ -36,7 +36,9 @@ class Progress:
             raise ValueError(f"{self.path} is not a calibration progress file of schema {PROGRESS_SCHEMA}")
         theirs = body.get("fingerprint", {})
         if theirs != self.fingerprint:
-            differing = sorted(k for k in set(theirs) | set(self.fingerprint) if theirs.get(k) != self.fingerprint.get(k))
+            differing = sorted(
+                k for k in set(theirs) | set(self.fingerprint) if theirs.get(k) != self.fingerprint.get(k)
+            )
             raise ValueError(
                 f"{self.path} holds progress for another model or configuration (differs in: "
                 f"{', '.join(differing)}); use another --out, or delete it to start over"

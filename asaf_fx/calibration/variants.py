@@ -26,19 +26,17 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
-from asaf_fx.compile import _lowerings, calibration_batches, rewrite, weight_spec
+from asaf_fx.compile import calibration_batches, linear_lowerings, rewrite
 from asaf_fx.config import QuantConfig
 from asaf_fx.passes.capture import capture_forward, check_model
-from asaf_fx.passes.channel_selection import channels_to_keep, channels_to_remove, mlp_channel_flops
-from asaf_fx.passes.gptq import quantize_gptq
 from asaf_fx.passes.graph_utils import attr_tensor, get_tensor, is_op, linear_bias
 from asaf_fx.passes.layerwise import LayerwiseRunner
 from asaf_fx.passes.linear_stats import LinearStats
-from asaf_fx.passes.lower_linears import LinearLowering
+from asaf_fx.passes.lower.lower_linears import LinearLowering
 from asaf_fx.passes.patterns import SwiGLU, find_swiglus
-from asaf_fx.passes.prune_mlp import channel_importances, layer_linear_flops
-from asaf_fx.passes.rotations import online_rotation
-from asaf_fx.passes.rtn import quantize_rtn
+from asaf_fx.passes.prune.channel_selection import channels_to_keep, channels_to_remove, mlp_channel_flops
+from asaf_fx.passes.prune.prune_mlp import channel_importances, layer_linear_flops
+from asaf_fx.passes.rotate.rotations import online_rotation
 from asaf_fx.passes.split_layers import split_decoder_layers
 
 ops = torch.ops.asaf_fx
@@ -132,15 +130,11 @@ class CalibrationModel:
             if gram is not None:
                 gram = rotation.apply_left_transposed(rotation.apply(gram))
         dtype = self.dense_down[layer].dtype
-        spec = weight_spec(self.quant, site.down)
-        if spec is None:
-            tensors[site.down] = down.to(dtype)
-        elif spec.method == "gptq":
-            tensors[site.down] = quantize_gptq(down, gram, spec.bits, spec.group_size, damp=spec.damp,
-                                               act_order=spec.act_order, clip_search=spec.clip_search).dequantize(dtype)
+        spec = self.quant.for_linear(site.down)
+        if spec.quantizes_weight:
+            tensors[site.down] = spec.quantize_weight(down, gram if spec.needs_hessian else None).dequantize(dtype)
         else:
-            tensors[site.down] = quantize_rtn(down, spec.bits, spec.group_size,
-                                              clip_search=spec.clip_search).dequantize(dtype)
+            tensors[site.down] = down.to(dtype)
         return tensors
 
 
@@ -174,7 +168,9 @@ def build_calibration_model(model: torch.nn.Module, quant: QuantConfig, calibrat
     def simulated_lowerings(gm: GraphModule) -> list[LinearLowering]:
         found["sites"] = _mlp_sites(gm, found["mlps"])  # before lowering fuses the Hadamard away
         downs = {mlp.down.args[1].target for mlp in found["mlps"]}
-        lowerings, _ = _lowerings(gm, quant, batches, lambda t, stats: down_inputs.update({t: stats}) if t in downs else None)
+        lowerings, _ = linear_lowerings(
+            gm, quant, batches, lambda t, stats: down_inputs.update({t: stats}) if t in downs else None
+        )
         return [LinearLowering(low.weight, None, low.a_bits, low.a_clip) for low in lowerings]
 
     rewrite([forward], model, quant, record_instead_of_pruning, simulated_lowerings)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from asaf_fx.plan import Plan
 from asaf_fx.solvers.exact import solve_exact
 from asaf_fx.solvers.greedy import solve_greedy
 from asaf_fx.solvers.problem import InfeasibleError, make_problem
 from asaf_fx.solvers.two_phase import solve_two_phase
-from asaf_fx.sparsity_plan import Plan
 from asaf_fx.table import SensitivityTable
 
 _SOLVERS = {"exact": solve_exact, "two-phase": solve_two_phase, "greedy": solve_greedy}

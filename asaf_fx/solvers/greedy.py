@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
+from asaf_fx.plan import Plan
 from asaf_fx.solvers.problem import Problem, build_plan, raise_infeasible
-from asaf_fx.sparsity_plan import Plan
 
 
 def solve_greedy(problem: Problem) -> Plan:

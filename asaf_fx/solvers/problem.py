@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from asaf_fx.sparsity_plan import Group, Plan
+from asaf_fx.plan import Group, Plan
 from asaf_fx.table import SensitivityTable
 
 #: Default budget levels: r = δ / DEFAULT_BUDGET_LEVELS. A plan of G groups loses at most G·r of

@@ -28,8 +28,8 @@ import time
 
 import numpy as np
 
+from asaf_fx.plan import Plan
 from asaf_fx.solvers.problem import Problem, build_plan, raise_infeasible
-from asaf_fx.sparsity_plan import Plan
 
 #: The coarse phase considers at most this many groups (the paper searches small group counts;
 #: phase 2's cost grows linearly with G*).

@@ -8,7 +8,7 @@ import pathlib
 import pytest
 import torch
 
-from asaf_fx import ops
+from asaf_fx.triton_kernels import ops
 
 
 def test_auto_uses_reference_on_cpu_and_env_overrides(monkeypatch):

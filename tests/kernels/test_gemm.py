@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import asaf_fx.ops  # noqa: F401
+import asaf_fx.triton_kernels.ops  # noqa: F401
+from asaf_fx.passes.quantize.rtn import quantize_rtn
 from asaf_fx.triton_kernels import gemm, int4, quantize
 
 pytestmark = pytest.mark.interpreter
@@ -19,7 +20,8 @@ OUT_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 def _weights(n, k, group_size, device):
     gs = k if group_size is None else group_size
-    packed, scale = int4.quantize_weight_int4(torch.randn(n, k), gs)
+    q = quantize_rtn(torch.randn(n, k), 4, gs, clip_search=False)
+    packed, scale = q.packed(), q.scales
     return packed.to(device), scale.to(device), gs
 
 
@@ -94,7 +96,8 @@ def test_quantized_linear_approximates_float_linear(device):
     # End to end: W4A8 of a random layer stays close to the float layer (SQNR floor, torchao style).
     w = torch.randn(32, 128)
     x = torch.randn(8, 128)
-    w_packed, w_scale = int4.quantize_weight_int4(w, 64)
+    q = quantize_rtn(w, 4, 64, clip_search=False)
+    w_packed, w_scale = q.packed(), q.scales
     x_q, x_scale = quantize.quantize_per_token_triton(x.to(device), 8, 1.0)
     y = gemm.w4a_int_linear_triton(x_q, x_scale, w_packed.to(device), w_scale.to(device), None, 64, torch.float32)
     ref = x @ w.T

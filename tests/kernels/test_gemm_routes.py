@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import asaf_fx.ops  # noqa: F401
+import asaf_fx.triton_kernels.ops  # noqa: F401
+from asaf_fx.passes.quantize.rtn import quantize_rtn
 from asaf_fx.triton_kernels import cublas, gemm, gemv, int4, quantize, routes
 
 pytestmark = pytest.mark.interpreter
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.interpreter
 def _case(m, n, k, group_size, bits, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     gs = k if group_size is None else group_size
-    packed, scale = int4.quantize_weight_int4(torch.randn(n, k, generator=g), gs)
+    q = quantize_rtn(torch.randn(n, k, generator=g), 4, gs, clip_search=False)
+    packed, scale = q.packed(), q.scales
     x = torch.randn(m, k, generator=g)
     x_q, x_scale = quantize.quantize_per_token_torch(x, bits, 1.0)
     bias = torch.randn(n, generator=g)

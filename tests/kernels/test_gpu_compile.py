@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 import triton
 
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import asaf_fx.ops  # noqa: F401
+import asaf_fx.triton_kernels.ops  # noqa: F401
 from asaf_fx.triton_kernels import hadamard
 
 pytestmark = pytest.mark.interpreter

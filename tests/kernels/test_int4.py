@@ -1,11 +1,12 @@
-"""INT4 packing layout and round-to-nearest weight quantization."""
+"""INT4 packing layout, and packed RTN weights read back."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import asaf_fx.ops  # noqa: F401  (registers torch.ops.asaf_fx)
+import asaf_fx.triton_kernels.ops  # noqa: F401  (registers torch.ops.asaf_fx)
+from asaf_fx.passes.quantize.rtn import quantize_rtn
 from asaf_fx.triton_kernels import int4
 
 
@@ -37,10 +38,11 @@ def test_pack_rejects_out_of_range_and_wrong_dtype():
 
 
 @pytest.mark.parametrize("k,group_size", [(37, None), (200, 64), (256, 128)])
-def test_weight_quantization_error_is_at_most_half_a_step(k, group_size):
+def test_packed_rtn_weights_dequantize_within_half_a_step(k, group_size):
     w = torch.randn(5, k, dtype=torch.float64)
-    w[2] = 0.0  # an all-zero channel gets scale 0 and must dequantize to 0
-    packed, scale = int4.quantize_weight_int4(w, group_size)
+    w[2] = 0.0  # an all-zero channel must dequantize to 0
+    q = quantize_rtn(w, 4, group_size, clip_search=False)
+    packed, scale = q.packed(), q.scales
     gs = k if group_size is None else group_size
     deq = int4.dequantize_weight_int4(packed, scale, k, gs).double()
     step = scale.double()[:, torch.arange(k) // gs]
@@ -49,8 +51,10 @@ def test_weight_quantization_error_is_at_most_half_a_step(k, group_size):
 
 
 def test_group_size_must_be_k_or_multiple_of_64():
+    int4.check_group_size(100, 100)
+    int4.check_group_size(200, 64)
     with pytest.raises(ValueError, match="multiple of 64"):
-        int4.quantize_weight_int4(torch.randn(4, 100), 32)
+        int4.check_group_size(100, 32)
 
 
 def test_opcheck_pack_unpack():

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.export import Dim
 
-import asaf_fx.ops  # noqa: F401
-from asaf_fx.triton_kernels import int4
+import asaf_fx.triton_kernels.ops  # noqa: F401
+from asaf_fx.passes.quantize.rtn import quantize_rtn
 
 pytestmark = pytest.mark.interpreter
 
@@ -25,8 +25,8 @@ class TinyBlock(torch.nn.Module):
         self.k, self.n = k, n
         right = torch.linalg.qr(torch.randn(m_odd, m_odd, generator=g, dtype=torch.float64))[0]
         w1, w2 = torch.randn(n, k, generator=g), torch.randn(k, n, generator=g)
-        w1_packed, w1_scale = int4.quantize_weight_int4(w1)
-        w2_packed, w2_scale = int4.quantize_weight_int4(w2)
+        q1, q2 = quantize_rtn(w1, 4, clip_search=False), quantize_rtn(w2, 4, clip_search=False)
+        w1_packed, w1_scale, w2_packed, w2_scale = q1.packed(), q1.scales, q2.packed(), q2.scales
         buffers = dict(right=right.float(), w1_packed=w1_packed, w1_scale=w1_scale,
                        bias=torch.randn(n, generator=g), w2_packed=w2_packed, w2_scale=w2_scale)
         for name, t in buffers.items():

@@ -1,0 +1,115 @@
+"""Argument types and helpers shared by the command-line tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from asaf_fx._atomic import write_text_atomic
+from asaf_fx.config import CLIP_SEARCH, QuantConfig
+from asaf_fx.passes.quantize.quantize_weights import WEIGHT_METHODS
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer ≥ ``low``, refused with a message naming the value otherwise."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if number < low:
+            raise argparse.ArgumentTypeError(f"{number} is below {low}")
+        return number
+
+    return parse
+
+
+def emit_report(report: dict[str, Any], out: Path | None, render: Callable[[dict[str, Any], Console], None],
+                console: Console) -> None:
+    """JSON to stdout (and atomically to ``out``), the human-readable rendering to ``console``."""
+    text = json.dumps(report, indent=2)
+    if out is not None:
+        write_text_atomic(out, text + "\n")
+    render(report, console)
+    sys.stdout.write(text + "\n")
+
+
+def sparsity_list(value: str) -> tuple[float, ...]:
+    """argparse type: comma-separated sparsity levels in (0, 1), strictly increasing."""
+    try:
+        levels = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of numbers") from None
+    if not levels:
+        raise argparse.ArgumentTypeError("give at least one sparsity, e.g. 0.05,0.1")
+    if any(not 0 < s < 1 for s in levels):
+        raise argparse.ArgumentTypeError(f"every sparsity must lie in (0, 1); got {list(levels)}")
+    if any(b <= a for a, b in zip(levels, levels[1:])):
+        raise argparse.ArgumentTypeError(f"sparsities must be strictly increasing; got {list(levels)}")
+    return levels
+
+
+def clip_ratio(value: str) -> float | str:
+    """argparse type of --a-clip: a ratio, or CLIP_SEARCH."""
+    if value == CLIP_SEARCH:
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--a-clip must be a number in (0, 1] or {CLIP_SEARCH!r}, got {value!r}"
+        ) from None
+
+
+def overrides_json(value: str) -> dict[str, Any]:
+    """argparse type of --overrides: a JSON object, weight-name pattern -> settings."""
+    try:
+        overrides = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--overrides is not valid JSON ({exc}); write e.g. "
+                                         '\'{"*.down_proj.weight": {"a_bits": 8}}\'') from None
+    if not isinstance(overrides, dict):
+        raise argparse.ArgumentTypeError("--overrides must be a JSON object: weight-name pattern -> settings")
+    return overrides
+
+
+def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
+    """--w-bits, --a-bits, --kv-bits, --w-method, --group-size, --a-clip, --overrides (W4A4KV4 GPTQ by default)."""
+    parser.add_argument("--w-bits", type=int, default=4)
+    parser.add_argument("--a-bits", type=int, default=4)
+    parser.add_argument("--kv-bits", type=int, default=4)
+    parser.add_argument("--w-method", choices=tuple(WEIGHT_METHODS), default="gptq")
+    parser.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
+    parser.add_argument("--a-clip", type=clip_ratio, default=0.9,
+                        help="activation clip ratio in (0, 1], or 'mse' to choose one per linear on the "
+                             "calibration data (default 0.9)")
+    parser.add_argument("--overrides", type=overrides_json, default={},
+                        help='per-linear settings by weight-name pattern, as JSON, e.g. '
+                             '\'{"*.down_proj.weight": {"a_bits": 8}}\' (QuantConfig.overrides)')
+
+
+def quant_config(args: argparse.Namespace, rotate: bool = True) -> QuantConfig:
+    """The QuantConfig the options of :func:`add_quant_arguments` (and --seed) describe."""
+    return QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, w_method=args.w_method,
+                       w_group_size=args.group_size, a_clip=args.a_clip, rotate=rotate, seed=args.seed,
+                       overrides=args.overrides)
+
+
+def run_cli(run: Callable[[], Any], console: Console, interrupted: str) -> int:
+    """Call ``run``; bad input (missing file, invalid value) prints one line and returns 2."""
+    try:
+        run()
+    except KeyboardInterrupt:
+        console.print(f"interrupted: {interrupted}", soft_wrap=True)
+        return 130
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"error: {exc}", soft_wrap=True, markup=False, highlight=False)
+        return 2
+    return 0

@@ -1,0 +1,1 @@
+"""Structured pruning: choose MLP channels by importance and remove them from the graph's weights."""

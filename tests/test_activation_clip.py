@@ -7,8 +7,8 @@ import torch
 
 import asaf_fx
 from asaf_fx.config import QuantConfig
-from asaf_fx.passes.quantize import activation_clip
 from asaf_fx.passes.layerwise import LayerwiseRunner
+from asaf_fx.passes.quantize import activation_clip
 from asaf_fx.passes.quantize.activation_clip import CLIP_GRID, search_activation_clips
 from asaf_fx.passes.split_layers import split_decoder_layers
 

@@ -295,7 +295,7 @@ def run(model: str | os.PathLike, out: str | os.PathLike, config: RunConfig = Ru
     else:
         ppl_uniform, uniform_totals = ppl_base, base_totals
 
-    save(compiled, out / "model", tokenizer=tokenizer)
+    save(compiled, out / "model", tokenizer=tokenizer, overwrite=True)  # a rerun replaces its own model
     write_text_atomic(out / "plan.json", plan.to_json() + "\n")
     summary = {
         "schema": SCHEMA, "model": model_name, "budget": budget, "budget_met": budget_met,

@@ -57,10 +57,14 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict | None = N
     Shapes are propagated with ``args`` followed by ``kwargs`` values, in placeholder order.
     """
     kwargs = kwargs or {}
+    return _record(_export(module, args, kwargs, dynamic_shapes), "module", tuple(args) + tuple(kwargs.values()),
+                   module)
+
+
+def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> GraphModule:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # export's notes on lifted constants are not actionable here
-        gm = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False).module()
-    return _record(gm, "module", tuple(args) + tuple(kwargs.values()), module)
+        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False).module()
 
 
 def capture_forward(model: torch.nn.Module, example_ids: torch.Tensor | None = None) -> GraphModule:
@@ -72,7 +76,7 @@ def capture_forward(model: torch.nn.Module, example_ids: torch.Tensor | None = N
     # failing on them (named Dims must satisfy every guard over their whole range). On CUDA with GQA
     # (Llama-3-8B shapes, torch 2.11) SDPA's tracing adds `min(128·seq, 512·seq) == 128·seq`, which
     # export cannot prove for a named Dim; DYNAMIC still refuses to specialize a length to a constant.
-    gm = capture_module(model, (ids,), {"use_cache": False}, dynamic_shapes=({0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, None))
+    gm = _export(model, (ids,), {"use_cache": False}, dynamic_shapes=({0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, None))
     # Shapes are re-propagated on a small input: cheaper, and any length works (dynamic export).
     return _record(gm, "forward", (ids[:1, :4], False), model)
 

@@ -5,6 +5,9 @@ modified)``. ``PassManager`` runs passes in order and, after each one that chang
 structure or a tensor's shape, lints it, regenerates its code and re-propagates shapes
 (``node.meta["val"]``) with fake tensors on the example inputs recorded at capture, so a pass that
 leaves a broken graph is named at once.
+
+Shape propagation dispatches each distinct (op, argument metadata) once per run: a decoder's layers
+repeat the same ops on the same shapes, so one layer's worth of fake dispatches serves them all.
 """
 
 from __future__ import annotations
@@ -53,6 +56,48 @@ def pass_name(p: GraphPass) -> str:
     return getattr(p, "name", None) or getattr(p, "__name__", None) or type(p).__name__
 
 
+def _meta_key(value: Any) -> Any:
+    """What an op's output metadata can depend on in ``value``; raises TypeError for the unhashable."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), value.storage_offset(), value.dtype, value.device,
+                value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value), tuple(_meta_key(v) for v in value)
+    if isinstance(value, dict):
+        return dict, tuple((k, _meta_key(v)) for k, v in value.items())
+    if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
+        raise TypeError("symbolic value")  # only concrete example inputs are memoised
+    hash(value)
+    return type(value), value
+
+
+class _MemoisedFakeProp(FakeTensorProp):
+    """FakeTensorProp that reuses the result of an earlier node with the same op and argument metadata.
+
+    Only metadata is read from ``node.meta["val"]`` (shape, dtype, strides), so nodes may share one
+    fake result; ops whose result metadata depends on more than their arguments' are not memoised.
+    """
+
+    def __init__(self, gm: GraphModule, mode: FakeTensorMode) -> None:
+        super().__init__(gm, mode)
+        self._memo: dict[Any, Any] = {}
+
+    def run_node(self, n: Node) -> Any:
+        if (n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload) or n.target._schema.is_mutable
+                or torch.Tag.data_dependent_output in n.target.tags):
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        try:
+            key = (n.target, _meta_key(args), _meta_key(kwargs))
+        except TypeError:
+            return super().run_node(n)
+        if key not in self._memo:
+            self._memo[key] = (super().run_node(n), n.meta.get("val"))
+        else:
+            n.meta["val"] = self._memo[key][1]
+        return self._memo[key][0]
+
+
 def propagate_shapes(gm: GraphModule, example_inputs: Sequence[Any] | None = None) -> None:
     """Recompute ``node.meta["val"]`` for every node with fake tensors (no real compute).
 
@@ -68,7 +113,7 @@ def propagate_shapes(gm: GraphModule, example_inputs: Sequence[Any] | None = Non
     # reaches the weights, and every later propagation chains onto it: the model's parameters and
     # each pass's weights would stay alive as long as the compiled model.
     with torch.no_grad():
-        FakeTensorProp(gm, mode).propagate(*example_inputs)
+        _MemoisedFakeProp(gm, mode).propagate(*example_inputs)
 
 
 def check_graph(gm: GraphModule) -> None:
@@ -79,10 +124,22 @@ def check_graph(gm: GraphModule) -> None:
 
 
 def _structure(gm: GraphModule) -> tuple:
-    """What node shapes depend on: the graph's code and the shape and dtype of every tensor it holds."""
+    """What node shapes depend on: every node's op, target and inputs, and the shape and dtype of every
+    tensor the module holds."""
+    def arg_key(value: Any) -> Any:
+        if isinstance(value, Node):
+            return ("node", value.name)
+        if isinstance(value, (list, tuple)):
+            return type(value), tuple(arg_key(v) for v in value)
+        if isinstance(value, dict):
+            return dict, tuple((k, arg_key(v)) for k, v in value.items())
+        return repr(value)
+
+    nodes = tuple((n.name, n.op, n.target if isinstance(n.target, str) else id(n.target), arg_key(n.args),
+                   arg_key(n.kwargs)) for n in gm.graph.nodes)
     tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in
                     itertools.chain(gm.named_parameters(), gm.named_buffers()))
-    return gm.graph.python_code(root_module="self").src, tensors
+    return nodes, tensors
 
 
 class PassManager:

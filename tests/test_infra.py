@@ -3,7 +3,7 @@ import torch
 
 from asaf_fx.passes.capture import capture_module
 from asaf_fx.passes.graph_utils import aten, is_op
-from asaf_fx.passes.infra import PassFailedError, PassManager, PassResult
+from asaf_fx.passes.infra import PassFailedError, PassManager, PassResult, propagate_shapes
 
 
 class _Mlp(torch.nn.Module):
@@ -58,3 +58,26 @@ def test_manager_reports_modified_and_records_passes(gm):
 def test_pass_must_return_a_pass_result(gm):
     with pytest.raises(TypeError, match="returned GraphModule, expected PassResult"):
         PassManager([lambda g: g])(gm)
+
+
+@pytest.mark.parametrize("kind", ["forward", "decode"])
+def test_memoised_propagation_gives_every_node_the_plain_fake_result(captured, kind):
+    # The decoder's layers repeat op and shapes, so most nodes take an earlier node's memoised
+    # result; each must still carry what fake-tensor propagation of that node alone gives.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    gm = captured("llama", kind)
+    propagate_shapes(gm)
+    memoised = {n.name: n.meta.get("val") for n in gm.graph.nodes}
+    with torch.no_grad():
+        FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*gm.meta["asaf_fx"]["example_inputs"])
+    compared = 0
+    for n in gm.graph.nodes:
+        plain, got = n.meta.get("val"), memoised[n.name]
+        if isinstance(plain, torch.Tensor):
+            assert (got.shape, got.stride(), got.dtype) == (plain.shape, plain.stride(), plain.dtype), n.name
+            compared += 1
+        else:
+            assert type(got) is type(plain), n.name
+    assert compared > 100

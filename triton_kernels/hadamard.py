@@ -40,15 +40,25 @@ def split_width(n: int) -> tuple[int, int]:
 
 
 def _walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Sylvester Hadamard transform along axis -2 (length a power of two)."""
+    """Unnormalised Sylvester Hadamard transform along axis -2 (length a power of two).
+
+    Butterflies between two buffers: each stage writes a+b and a-b in place of a copying stack,
+    which makes the offline rotation of a 49k-row embedding a few times faster, same bits.
+    """
     *lead, size, m = x.shape
+    rows = x.numel() // (size * m) if x.numel() else 0
+    src = x.reshape(rows, size, m)
+    dst = None  # never the input: the first two stages each get a new buffer
     h = 1
     while h < size:
-        x = x.reshape(*lead, size // (2 * h), 2, h, m)
-        a, b = x.select(-3, 0), x.select(-3, 1)
-        x = torch.stack((a + b, a - b), dim=-3)
+        if h <= 2:
+            dst = torch.empty((rows, size, m), dtype=x.dtype, device=x.device)
+        s, d = src.reshape(rows, size // (2 * h), 2, h, m), dst.view(rows, size // (2 * h), 2, h, m)
+        torch.add(s[:, :, 0], s[:, :, 1], out=d[:, :, 0])
+        torch.sub(s[:, :, 0], s[:, :, 1], out=d[:, :, 1])
+        src, dst = dst, src
         h *= 2
-    return x.reshape(*lead, size, m)
+    return src.reshape(*lead, size, m)
 
 
 def _rotate_compute(x: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

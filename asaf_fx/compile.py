@@ -3,7 +3,7 @@
 The passes run in this order on the full-sequence graph, and on the static-cache decode graph:
 
 1. capture (``torch.export``);
-2. residual rotation: untie embeddings, fold RMSNorm scales, rotate the residual stream;
+2. residual rotation: fold RMSNorm scales, rotate the residual stream (tied embeddings stay tied);
 3. pruning (a plan): whole MLP channels, chosen from calibration statistics of the rotated model;
 4. online rotations: Hadamards before down_proj and o_proj, head-wise V/O, Q/K after RoPE;
 5. KV-cache quantization (simulated in the graph);
@@ -57,7 +57,10 @@ def residual_passes(quant: QuantConfig) -> list[GraphPass]:
     """Rotation of the residual stream (and what it needs first); function-preserving."""
     if not quant.rotate:
         return []
-    return [UntieEmbeddings(), FoldNorms(), RotateResidual(quant.seed, quant.rotation)]
+    # A Hadamard rotation keeps a tied lm_head on the embedding's matrix (RotateResidual); a dense one
+    # cannot apply itself online, so there the head gets its own copy to fold the final norm into.
+    untie = [UntieEmbeddings()] if quant.rotation != "hadamard" else []
+    return untie + [FoldNorms(), RotateResidual(quant.seed, quant.rotation)]
 
 
 def online_passes(quant: QuantConfig) -> list[GraphPass]:

@@ -99,7 +99,7 @@ class LMEvalAdapter(torch.nn.Module):
         return self
 
     def tie_weights(self) -> None:
-        # Nothing to tie: compile unties the embeddings before rotating them.
+        # Nothing to tie: the compiled graphs already read one matrix where the model tied them.
         pass
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):

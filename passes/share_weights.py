@@ -21,6 +21,12 @@ _OPS = (aten.embedding, aten.linear, torch.ops.asaf_fx.w4a16_linear, torch.ops.a
         torch.ops.asaf_fx.hadamard_rotate, torch.ops.asaf_fx.hadamard_rotate_quantize)
 
 
+def _readers(gm: GraphModule, op) -> list:
+    if op == "head_scale":  # the final norm's scale a tied lm_head keeps (rotate_residual)
+        return [n for n in gm.graph.nodes if is_op(n, aten.mul) and "head_scale" in n.meta.get("asaf_fx", {})]
+    return [n for n in gm.graph.nodes if is_op(n, op)]
+
+
 def share_weights(source: GraphModule, target: GraphModule, *, check_values: bool = True) -> int:
     """Rebind ``target``'s weight attributes to ``source``'s equal tensors; returns how many were shared.
 
@@ -28,9 +34,8 @@ def share_weights(source: GraphModule, target: GraphModule, *, check_values: boo
     (``graph_utils.structure_only``), so only shapes and dtypes must agree.
     """
     shared = 0
-    for op in _OPS:
-        ours = [n for n in source.graph.nodes if is_op(n, op)]
-        theirs = [n for n in target.graph.nodes if is_op(n, op)]
+    for op in (*_OPS, "head_scale"):
+        ours, theirs = _readers(source, op), _readers(target, op)
         if len(ours) != len(theirs):
             raise RuntimeError(f"share_weights: {len(ours)} {op} nodes in one graph, {len(theirs)} in the other")
         for a, b in zip(ours, theirs, strict=True):

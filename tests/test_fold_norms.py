@@ -27,12 +27,14 @@ def test_original_model_untouched(captured, tiny_models, tiny_ids, h):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_tied_head_needs_untie_first(captured, h):
-    gm = captured("llama")
-    snap = h.snapshot(gm)
-    with pytest.raises(PatternError, match="UntieEmbeddings"):
-        FoldNorms()(gm)
-    h.assert_unchanged(gm, snap)
+def test_tied_head_keeps_its_scale_and_the_shared_matrix(captured, tiny_models, tiny_ids, h):
+    gm = captured("llama")  # lm_head shares the embedding matrix
+    layers = tiny_models["llama"].config.num_hidden_layers
+    assert FoldNorms()(gm).modified
+    gm.recompile()
+    scaled = [m for m in find_rmsnorms(gm) if m.weight_mul is not None]
+    assert len(scaled) == 1 and len(find_rmsnorms(gm)) == 2 * layers + 1  # only the final norm keeps γ
+    assert h.rel_err(gm(tiny_ids, use_cache=False).logits, tiny_models["llama"](tiny_ids).logits) < 1e-5
 
 
 def test_layernorm_is_rejected_by_name(negative_graph, h):

@@ -77,7 +77,7 @@ def test_passes_applied_are_listed_in_order(pruned_w4a4):
     text = _show(pruned_w4a4)
     shown = re.sub(r"\([^)]*\)", "", text[text.index("passes:") + len("passes:"):])  # names, without parameters
     assert [name.strip() for name in shown.split(",")] == [
-        "untie_embeddings", "fold_norms", "rotate_residual", "prune_mlp", "online_hadamard_down", "rotate_vo",
+        "fold_norms", "rotate_residual", "prune_mlp", "online_hadamard_down", "rotate_vo",
         "rotate_qk", "online_hadamard_out", "quantize_kv", "lower_linears"]
     kept = 160 + pruned_w4a4.forward_graph.meta["asaf_fx"]["mlp_widths"][1]["kept"]
     for shown in ("rotate_residual(hadamard w=96)", f"prune_mlp({kept}/320 kept)", "quantize_kv(4 bits)",

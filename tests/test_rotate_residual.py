@@ -35,6 +35,28 @@ def test_rotation_keeps_logits_and_rewrites_every_stream_weight(arch, kind, capt
     assert h.rel_err(gm(tiny_ids, use_cache=False).logits, ref) < 1e-5
 
 
+def test_tied_head_stays_on_the_rotated_embedding_matrix(captured, tiny_models, tiny_ids, h):
+    gm = captured("llama")
+    embedding = next(n for n in gm.graph.nodes if is_op(n, aten.embedding))
+    before = get_tensor(gm, embedding.args[0]).clone()
+    PassManager([FoldNorms(), RotateResidual(seed=3)])(gm)
+    matrix = get_tensor(gm, embedding.args[0])
+    head = [n for n in gm.graph.nodes if is_op(n, aten.linear)][-1]
+    assert get_tensor(gm, head.args[1]) is matrix and not torch.allclose(matrix, before)
+    rotations = [n for n in gm.graph.nodes if n.target == torch.ops.asaf_fx.hadamard_rotate.default]
+    assert len(rotations) == 2  # around the final norm's scale
+    assert h.rel_err(gm(tiny_ids, use_cache=False).logits, tiny_models["llama"](tiny_ids).logits) < 1e-5
+
+
+def test_dense_rotation_cannot_keep_a_tied_head_scale(captured, h):
+    gm = captured("llama")
+    FoldNorms()(gm)
+    snap = h.snapshot(gm)
+    with pytest.raises(PatternError, match="UntieEmbeddings"):
+        RotateResidual(kind="orthogonal")(gm)
+    h.assert_unchanged(gm, snap)
+
+
 def test_decode_graph_gets_the_same_rotation(captured, tiny_models):
     fwd, dec = _prepared(captured, "mistral"), captured("mistral", "decode")
     PassManager([UntieEmbeddings(), FoldNorms(), RotateResidual(seed=3)])(dec)

@@ -4,7 +4,9 @@ Preserves: every output up to float rounding (weights are rewritten in float64 a
 ``linear(w ⊙ n, W) == linear(n, W · diag(w))`` for each linear consuming the norm, so the scale
 multiply is removed from the graph. Afterwards every RMSNorm is ``x · rsqrt(mean(x²) + eps)``,
 which commutes with orthogonal rotations of x; that is what residual rotation relies on.
-The final norm folds into lm_head, so run ``UntieEmbeddings`` first when embeddings are tied.
+A norm read only by an lm_head that shares its matrix with the embedding (tied embeddings) keeps
+its scale: folding it would change the embedding too. ``RotateResidual`` rotates around that scale,
+so the matrix stays shared; run ``UntieEmbeddings`` first to fold it instead.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ from asaf_fx.passes.infra import PassResult, PatternError
 from asaf_fx.passes.patterns import RMSNorm, find_rmsnorms
 
 _UNSUPPORTED_NORMS = (aten.layer_norm, aten.native_layer_norm, aten.group_norm, aten.rms_norm)
+
+
+def tied_head_scale(gm: GraphModule, norm: RMSNorm, tied: set) -> bool:
+    """Whether ``norm`` has a scale that only linears sharing an embedding's matrix read."""
+    if norm.weight_mul is None:
+        return False
+    readers = [user for user, _ in row_consumers(norm.weight_mul)]
+    return all(is_linear(user) and storage_key(get_tensor(gm, user.args[1])) in tied for user in readers)
 
 
 def _consumers(norm: RMSNorm) -> list:
@@ -52,15 +62,15 @@ class FoldNorms:
         norms = find_rmsnorms(gm)
         if not norms:
             raise PatternError("fold_norms: no RMSNorm pattern (x * rsqrt(mean(x**2, -1) + eps)) in the graph")
-        weighted = [(m, _consumers(m)) for m in norms if m.weight_mul is not None]
+        tied = embedding_storages(gm)
+        weighted = [(m, _consumers(m)) for m in norms if m.weight_mul is not None and not tied_head_scale(gm, m, tied)]
         # Check everything before changing anything, so a failed match leaves the graph as it was.
         seen: dict[str, str] = {}
-        tied = embedding_storages(gm)
         for norm, linears in weighted:
             for lin in linears:
                 if storage_key(get_tensor(gm, lin.args[1])) in tied:
-                    raise PatternError(f"fold_norms: {lin.name} shares its weight with an embedding; "
-                                       "run UntieEmbeddings first", lin)
+                    raise PatternError(f"fold_norms: {lin.name} shares its weight with an embedding and reads a norm "
+                                       "that other linears read too; run UntieEmbeddings first", lin)
                 if lin.args[1].target in seen:
                     raise PatternError(f"fold_norms: weight {lin.args[1].target} is shared with "
                                        f"{seen[lin.args[1].target]}; untie it first", lin)

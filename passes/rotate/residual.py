@@ -3,8 +3,9 @@
 Walks the graph in topological order and classifies each node that reads a stream value:
 casts and batch/sequence slices stay in the stream, an RMSNorm (without scale) maps it to a
 normalised stream value, a residual add joins the output of a *writer* linear, and a linear that
-reads it is a *reader*. Anything else (an unfolded norm scale, a non-linear reader, the stream
-reaching the graph output) is a ``PatternError`` naming the node.
+reads it is a *reader*. A norm scale stays only where a tied lm_head reads it (``head_scales``).
+Anything else (another unfolded norm scale, a non-linear reader, the stream reaching the graph
+output) is a ``PatternError`` naming the node.
 """
 
 from __future__ import annotations
@@ -13,9 +14,18 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule, Node
 
-from asaf_fx.passes.graph_utils import aten, data_users, is_linear, is_op, is_row_passthrough, source_through
+from asaf_fx.passes.graph_utils import (
+    aten,
+    data_users,
+    embedding_storages,
+    is_linear,
+    is_op,
+    is_row_passthrough,
+    source_through,
+)
 from asaf_fx.passes.infra import PatternError
 from asaf_fx.passes.patterns import RMSNorm, find_rmsnorms
+from asaf_fx.passes.rotate.fold_norms import tied_head_scale
 
 
 @dataclass
@@ -24,6 +34,7 @@ class ResidualStream:
     readers: list[Node] = field(default_factory=list)  # linears reading a (normalised) stream value
     writers: list[Node] = field(default_factory=list)  # linears whose output is added to the stream
     norms: list[RMSNorm] = field(default_factory=list)
+    head_scales: list[RMSNorm] = field(default_factory=list)  # norms whose scale a tied lm_head reads
     values: set[Node] = field(default_factory=set)
 
 
@@ -40,6 +51,7 @@ def find_residual_stream(gm: GraphModule) -> ResidualStream:
     pow_nodes = {u for m in norms for u in data_users(m.input) if is_op(u, aten.pow)}
     normalized = {m.normalized: m for m in norms}
     weight_muls = {m.weight_mul: m for m in norms if m.weight_mul is not None}
+    tied = embedding_storages(gm)
     stream = rs.values
     stream.update(rs.embeddings)
     for n in gm.graph.nodes:
@@ -53,6 +65,9 @@ def find_residual_stream(gm: GraphModule) -> ResidualStream:
         elif n in normalized and normalized[n].input in stream:
             stream.add(n)
             rs.norms.append(normalized[n])
+        elif n in weight_muls and tied_head_scale(gm, weight_muls[n], tied):
+            stream.add(n)
+            rs.head_scales.append(weight_muls[n])
         elif n in weight_muls:
             raise PatternError("residual stream: an RMSNorm scale is still in the graph; run FoldNorms first", n)
         elif is_op(n, aten.add) and len(inputs) == 1:

@@ -66,6 +66,7 @@ class RunConfig:
     evaluation text files (default: the WikiText-2 validation and test splits); ``eval_windows``
     windows of ``seq_len`` tokens from the start of ``eval_text`` (0: every whole window).
     ``a8_layers``: raise the inputs of the K decoder layers that gain most from it to 8 bits.
+    ``z``: standard errors charged per table entry above its ξ (see ``asaf_fx.solve``).
     ``calibration.seed`` is the run's seed (windows, rotations) and must equal ``quant.seed``;
     the table is measured with metric ``ppl``, the budget's unit.
     """
@@ -77,6 +78,7 @@ class RunConfig:
     eval_windows: int = DEFAULT_EVAL_WINDOWS
     seq_len: int = 2048
     a8_layers: int = 0
+    z: float = 1.0
     quant: QuantConfig = field(default_factory=default_quant)
     calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(sparsities=DEFAULT_SPARSITIES))
 
@@ -88,6 +90,8 @@ class RunConfig:
         if self.eval_windows < 0 or self.seq_len < 1 or self.a8_layers < 0:
             raise ValueError(f"eval_windows ({self.eval_windows}) and a8_layers ({self.a8_layers}) must be >= 0 "
                              f"and seq_len ({self.seq_len}) >= 1")
+        if not math.isfinite(self.z) or self.z < 0:
+            raise ValueError(f"z (standard errors charged per entry) must be a number >= 0, got {self.z}")
         if self.calibration.metric != "ppl":
             raise ValueError(f"the budget is a relative perplexity rise: calibrate with metric 'ppl', "
                              f"not {self.calibration.metric!r}")
@@ -120,6 +124,12 @@ def texts(config: RunConfig) -> tuple[Path, Path]:
     return text, eval_text
 
 
+def _stderr_summary(table: SensitivityTable) -> dict[str, float] | None:
+    """Median and largest standard error of the measured entries (None for a table without them)."""
+    errors = table.stderr[table.measured & np.isfinite(table.stderr)]
+    return {"median": float(np.median(errors)), "max": float(errors.max())} if errors.size else None
+
+
 def table_for(model_name: str, out: Path, config: RunConfig, loaded, text: Path, console: Console) -> SensitivityTable:
     """OUT/table.safetensors if it was measured with these settings, else calibrate (or resume) it."""
     path = out / "table.safetensors"
@@ -133,7 +143,8 @@ def table_for(model_name: str, out: Path, config: RunConfig, loaded, text: Path,
                              "or mode); delete it or choose another output directory")
         console.print(f"reusing the finished table {path}")
         return table
-    return calibrate(loaded[0], config.quant, text, tokenizer=loaded[1], config=config.calibration, out=path,
+    calibration = dataclasses.replace(config.calibration, budget=config.max_degradation)  # what precision to report
+    return calibrate(loaded[0], config.quant, text, tokenizer=loaded[1], config=calibration, out=path,
                      model_name=model_name, console=console)
 
 
@@ -163,7 +174,7 @@ def activation_bits_for(model_name: str, out: Path, config: RunConfig, loaded, t
         model, tokenizer = loaded
         windows = calibration_windows(tokenizer, text, 2 * cal.windows, cal.seq_len, seed=cal.seed)
         progress = Progress(path.with_name(path.name + ".progress.json"), wanted)  # entries (layer, 1, BITS)
-        known = {layer: value for (layer, _, _), value in progress.values.items()}
+        known = {layer: value for (layer, _, _), (value, _) in progress.values.items()}
         with ProgressBar(TextColumn("[bold]8-bit gain per layer"), BarColumn(), MofNCompleteColumn(),
                          TimeElapsedColumn(), console=console) as bar:
             task = bar.add_task("measure", total=num_layers, completed=len(known))
@@ -248,17 +259,19 @@ def run(model: str | os.PathLike, out: str | os.PathLike, config: RunConfig = Ru
 
     budget, delta = config.max_degradation, config.max_degradation
     levels = (float(table.sparsities[0]), float(table.sparsities[-1]))
-    cheapest = float(np.nanmin(charged_degradation(table)[:, :, table.sparsities > 0]))
+    cheapest = float(np.nanmin(charged_degradation(table, config.z)[:, :, table.sparsities > 0]))
     rounds: list[dict[str, Any]] = []
     best = None  # (measured, plan, compiled, ppl)
     for number in range(1, config.rounds + 1):
         try:
-            plan = solve(table, delta, min_sparsity=levels[0], max_sparsity=levels[1], allow_dense=True)
+            plan = solve(table, delta, min_sparsity=levels[0], max_sparsity=levels[1], allow_dense=True,
+                         z=config.z)
             if plan.flops_ratio >= 1.0 and rounds and cheapest < rounds[-1]["max_degradation"]:
                 # Dense measures 0 by construction, so it teaches nothing: the smallest plan worth
                 # measuring after an overshoot is the cheapest single choice.
                 delta = cheapest * (1 + 1e-9)
-                plan = solve(table, delta, min_sparsity=levels[0], max_sparsity=levels[1], allow_dense=True)
+                plan = solve(table, delta, min_sparsity=levels[0], max_sparsity=levels[1], allow_dense=True,
+                             z=config.z)
         except InfeasibleError as exc:
             rounds.append({"round": number, "max_degradation": delta, "infeasible": str(exc)})
             console.print(f"round {number}: δ={delta:.4g}: {exc}")
@@ -309,7 +322,7 @@ def run(model: str | os.PathLike, out: str | os.PathLike, config: RunConfig = Ru
         "eval_text": str(eval_text), "eval_windows": int(eval_ids.shape[0]), "seq_len": config.seq_len,
         "calibration_text": str(text), "calibration_windows": cal.windows, "calibration_seq_len": cal.seq_len,
         "quant": config.quant.to_dict(), "activation_bits": activation_bits, "granularity": cal.granularity,
-        "table_health": table.meta.get("health"),
+        "table_health": table.meta.get("health"), "z": config.z, "table_stderr": _stderr_summary(table),
         "rounds": rounds,
         "files": {"table": "table.safetensors", "plan": "plan.json", "model": "model"},
         "time_s": round(time.perf_counter() - started, 1),

@@ -11,7 +11,9 @@ and every sparsity level ``k`` the table holds
 
 Entries with ``start + length > p`` describe no group and must be NaN in ``degradation``.
 ``measured`` marks which finite entries were measured; the others were estimated by calibration
-from the measured ones (by default every finite entry counts as measured).
+from the measured ones (by default every finite entry counts as measured). ``stderr`` is each
+entry's standard error (NaN where unknown: tables of schema 2 and older, hand-made tables); the
+solver charges ξ + z·stderr where it is known.
 Files are safetensors (arrays) with the metadata as JSON in the safetensors header; nothing is
 ever unpickled.
 """
@@ -30,8 +32,10 @@ import numpy as np
 
 from asaf_fx._atomic import atomic_path
 
-TABLE_SCHEMA = "asaf_fx.sensitivity_table/2"
-# Version 1 had no content hash; such files are still read, with a warning.
+TABLE_SCHEMA = "asaf_fx.sensitivity_table/3"
+# Version 2 had no standard errors (read as unknown); version 1 had no content hash either (read,
+# with a warning).
+_READABLE_SCHEMAS = (TABLE_SCHEMA, "asaf_fx.sensitivity_table/2")
 _UNHASHED_SCHEMA = "asaf_fx.sensitivity_table/1"
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,7 @@ class SensitivityTable:
         meta: JSON-serialisable dict (model, metric, calibration settings, ...).
         measured: optional (p, p, S) bool mask of the entries that were measured rather than
             estimated; default: every non-NaN entry.
+        stderr: optional (p, p, S) standard error of each entry, ≥ 0; NaN = unknown (the default).
     """
 
     layer_flops: np.ndarray
@@ -75,6 +80,7 @@ class SensitivityTable:
     flops: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     measured: np.ndarray | None = None
+    stderr: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         layer_flops = _as_float_array("layer_flops", self.layer_flops, 1)
@@ -136,6 +142,15 @@ class SensitivityTable:
                 raise ValueError(f"SensitivityTable: measured must have shape {expected}; got {measured.shape}")
             if np.any(measured & np.isnan(degradation)):
                 raise ValueError("SensitivityTable: an entry is marked measured but its degradation is NaN")
+        if self.stderr is None:
+            stderr = np.full(expected, np.nan)
+        else:
+            stderr = _as_float_array("stderr", self.stderr, 3)
+            if stderr.shape != expected:
+                raise ValueError(f"SensitivityTable: stderr must have shape {expected}; got {stderr.shape}")
+            if np.any(stderr < 0) or np.any(np.isinf(stderr)):
+                raise ValueError("SensitivityTable: a standard error is negative or infinite; use NaN for unknown")
+            stderr = np.where(np.isnan(degradation), np.nan, stderr)
         meta = dict(self.meta or {})
         try:
             json.dumps(meta)
@@ -147,6 +162,7 @@ class SensitivityTable:
             ("degradation", degradation),
             ("flops", flops),
             ("measured", measured),
+            ("stderr", stderr),
         ):
             value.setflags(write=False)
             object.__setattr__(self, name, value)
@@ -181,6 +197,7 @@ class SensitivityTable:
             "degradation": np.ascontiguousarray(self.degradation),
             "flops": np.ascontiguousarray(self.flops),
             "measured": self.measured.astype(np.uint8),
+            "stderr": np.ascontiguousarray(self.stderr),
         }
         meta = json.dumps(self.meta, sort_keys=True)
         header = {"schema": TABLE_SCHEMA, "meta": meta, "content_sha256": _content_sha256(arrays, meta)}
@@ -205,7 +222,7 @@ class SensitivityTable:
             raise ValueError(f"SensitivityTable.load: the header of {path} has no schema field {sorted(header)}: "
                              f"the file "
                              "is corrupt or was not written by SensitivityTable.save; measure the table again")
-        if schema not in (TABLE_SCHEMA, _UNHASHED_SCHEMA):
+        if schema not in (*_READABLE_SCHEMAS, _UNHASHED_SCHEMA):
             raise ValueError(
                 f"SensitivityTable.load: {path} has schema {schema!r}; this asaf_fx reads {TABLE_SCHEMA!r}"
             )
@@ -229,6 +246,7 @@ class SensitivityTable:
             flops=arrays["flops"],
             meta=meta,
             measured=arrays["measured"].astype(bool) if "measured" in arrays else None,
+            stderr=arrays.get("stderr"),
         )
 
 

@@ -61,6 +61,9 @@ def test_the_table_loads_solves_and_records_what_was_measured(groups_table):
     # H from the real channel counts: 32 and 64 of 160 channels, 6·96 FLOPs each
     assert table.flops[1, 0].tolist() == [table.layer_flops[1] - 32 * 576, table.layer_flops[1] - 64 * 576]
     assert table.meta["layer_forwards"] > 0
+    errors = table.stderr[table.measured]
+    assert np.isfinite(errors).all() and (errors > 0).all()  # every measured ξ has its paired error
+    assert np.isfinite(table.stderr[0, 3]).all()  # and an estimate gets the error of the singles it sums
     plan = asaf_fx.solve(table, max_degradation=float(np.nanmax(table.degradation)) * 4, min_sparsity=0.1,
                          max_sparsity=0.2)
     assert plan.num_layers == 4 and plan.flops < plan.dense_flops
@@ -69,22 +72,22 @@ def test_the_table_loads_solves_and_records_what_was_measured(groups_table):
 def test_interrupt_and_resume_give_the_identical_table(groups_table, model_dir, text_file, tmp_path, monkeypatch,
                                                       capsys):
     out = tmp_path / "table.safetensors"
-    real = DegradationMeter.__call__
+    real = DegradationMeter.measure
     calls = {"n": 0}
 
     def interrupting(self, assignment):
         calls["n"] += 1
-        if calls["n"] == 5:  # the 5th measurement of the table (the empty base call is not one)
+        if calls["n"] == 5:  # the 5th measurement of the table
             raise KeyboardInterrupt
         return real(self, assignment)
 
-    monkeypatch.setattr(DegradationMeter, "__call__", interrupting)
+    monkeypatch.setattr(DegradationMeter, "measure", interrupting)
     assert (
         calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "mse"))
         == 130
     )
     assert not out.exists() and progress_files(out)
-    monkeypatch.setattr(DegradationMeter, "__call__", real)
+    monkeypatch.setattr(DegradationMeter, "measure", real)
     # progress made with other settings is refused, not mixed in, and before the base model is built
     monkeypatch.setattr(engine, "build_calibration_model", lambda *a, **k: pytest.fail("built before the check"))
     assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "mse",
@@ -98,9 +101,11 @@ def test_interrupt_and_resume_give_the_identical_table(groups_table, model_dir, 
     assert (
         calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "mse")) == 0
     )
-    assert "resuming: 4 values measured earlier" in capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps lines at the terminal width
+    assert "resuming: 4 values measured earlier" in err
+    assert "standard errors of the 14 measured entries" in err and "exceed δ/4 = 0.0025 (δ = 0.01)" in err
     resumed, whole = asaf_fx.SensitivityTable.load(out), asaf_fx.SensitivityTable.load(groups_table)
-    for name in ("degradation", "flops", "measured", "layer_flops"):
+    for name in ("degradation", "stderr", "flops", "measured", "layer_flops"):
         assert np.array_equal(getattr(resumed, name), getattr(whole, name), equal_nan=True), name
 
 
@@ -186,6 +191,7 @@ def test_the_python_api_measures_what_the_cli_measures(model_dir, text_file, gro
     table = asaf_fx.calibrate(model, quant, text_file, tokenizer=tokenizer, config=config, model_name=str(model_dir))
     cli = asaf_fx.SensitivityTable.load(groups_table)
     assert np.array_equal(table.degradation, cli.degradation, equal_nan=True)
+    assert np.array_equal(table.stderr, cli.stderr, equal_nan=True)
     assert table.meta["fingerprint"] == cli.meta["fingerprint"]
 
 

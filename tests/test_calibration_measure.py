@@ -88,3 +88,41 @@ def test_unknown_metric_is_refused(tiny_models):
     cal = build_calibration_model(tiny_models["llama"], asaf_fx.QuantConfig(), CALIBRATION, SPARSITIES)
     with pytest.raises(ValueError, match="unknown degradation metric 'mse'"):
         DegradationMeter(cal, [CALIBRATION], "mse")
+
+
+def test_block_errors_match_the_spread_of_independent_blocks():
+    from asaf_fx.calibration.measure import BLOCK_TOKENS, block_sums, mean_stderr
+
+    # 64 rows of 3 blocks each (the last one short) of i.i.d. values: the error of their mean is
+    # σ/√T; the batch-means estimate over 192 blocks lands within a few percent of it.
+    values = torch.randn(64, 2 * BLOCK_TOKENS + 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sums, sizes = block_sums(values)
+    assert sums.shape == (192,) and sizes.tolist()[:3] == [BLOCK_TOKENS, BLOCK_TOKENS, 50]
+    assert float(sums.sum()) == pytest.approx(float(values.sum()))
+    assert mean_stderr(sums, sizes) == pytest.approx(1 / math.sqrt(values.numel()), rel=0.15)
+    assert math.isnan(mean_stderr(sums[:1], sizes[:1]))  # one block says nothing about the spread
+
+
+@pytest.mark.parametrize("metric", ["ppl", "kl"])
+def test_meter_reports_the_standard_error_of_the_paired_differences(tiny_models, metric):
+    model = tiny_models["qwen2"]
+    cal = build_calibration_model(model, asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn"),
+                                  CALIBRATION, SPARSITIES, granularity=32)
+    batches = list(CALIBRATION.split(4))
+    meter = DegradationMeter(cal, batches, metric)
+    value, stderr = meter.measure({0: 1})
+    assert value == meter({0: 1})
+    # 23 predicted tokens per row: one block per window, 8 windows; the error of their mean
+    per_window = []
+    for batch in batches:
+        base, pruned = run_with(cal, batch, {})[:, :-1], run_with(cal, batch, {0: 1})[:, :-1]
+        if metric == "ppl":
+            diff = (F.cross_entropy(pruned.transpose(1, 2), batch[:, 1:], reduction="none")
+                    - F.cross_entropy(base.transpose(1, 2), batch[:, 1:], reduction="none"))
+        else:
+            diff = F.kl_div(F.log_softmax(pruned, -1), F.log_softmax(base, -1), log_target=True,
+                            reduction="none").sum(-1)
+        per_window += diff.double().mean(-1).tolist()
+    expected = torch.tensor(per_window).std().item() / math.sqrt(len(per_window))
+    scale = math.exp(math.log1p(value)) if metric == "ppl" else 1.0
+    assert stderr > 0 and stderr == pytest.approx(scale * expected, rel=1e-3)

@@ -72,6 +72,9 @@ def test_summary_is_complete_and_consistent(generous):
     block = 32 * 6 * 96 / result.table.layer_flops[0]  # one 32-channel block of a layer's FLOPs
     assert abs(summary["uniform_flops_ratio"] - summary["flops_ratio"]) <= block / 2 + 1e-9
     assert summary["table_health"] == result.table.meta["health"]
+    errors = result.table.stderr[result.table.measured]
+    assert summary["z"] == 1.0 and summary["table_stderr"] == {"median": float(np.median(errors)),
+                                                                "max": float(errors.max())} and errors.min() > 0
     assert summary["fp16_bytes"] > summary["base_bytes"] > summary["asaf_bytes"] > 0
     assert all(np.isfinite(summary[k]) and summary[k] > 1 for k in ("ppl_fp", "ppl_base", "ppl_asaf", "ppl_uniform"))
 

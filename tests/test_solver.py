@@ -262,3 +262,25 @@ def test_noisy_top_level_is_not_taken_for_free():
 def test_table_must_be_a_table():
     with pytest.raises(TypeError, match="SensitivityTable"):
         asaf_fx.solve({"degradation": []}, 0.01)
+
+
+def test_each_entry_is_charged_its_own_standard_error():
+    from asaf_fx.solvers.problem import charged_degradation
+
+    degradation = np.full((2, 2, 2), np.nan)
+    degradation[:, 0] = [[0.002, 0.004], [0.001, -0.001]]
+    degradation[0, 1] = [0.003, 0.005]
+    stderr = np.where(np.isnan(degradation), np.nan, 0.0)
+    stderr[:, 0] = [[0.001, 0.002], [0.0005, 0.003]]
+    stderr[0, 1] = [np.nan, 0.001]  # unknown: the table's noise floor (RMS of negative ξ) stands in
+    table = SensitivityTable(np.ones(2), np.array([0.05, 0.1]), degradation, stderr=stderr)
+    np.testing.assert_allclose(charged_degradation(table, z=2.0)[:, 0],
+                               [[0.002 + 0.002, 0.004 + 0.004], [0.001 + 0.001, 0.001 + 0.006]])
+    np.testing.assert_allclose(charged_degradation(table, z=2.0)[0, 1], [0.003 + 2 * 0.001, 0.005 + 0.002])
+    np.testing.assert_allclose(charged_degradation(table, z=0.0)[:, 0], [[0.002, 0.004], [0.001, 0.001]])
+    # a larger z makes the same budget buy less: both layers at 10 % fit only when errors are free
+    assert asaf_fx.solve(table, 0.0051, z=0.0, allow_dense=True, min_sparsity=0.05).layer_sparsity == (0.1, 0.1)
+    plan = asaf_fx.solve(table, 0.0051, z=1.0, allow_dense=True, min_sparsity=0.05)
+    assert plan.layer_sparsity != (0.1, 0.1) and plan.stats["z"] == 1.0 and plan.stats["entry_errors"]
+    with pytest.raises(ValueError, match="z .* must be a finite number >= 0"):
+        asaf_fx.solve(table, 0.004, z=-1.0)

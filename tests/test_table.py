@@ -179,3 +179,25 @@ def test_a_version_1_table_without_hash_still_loads(tmp_path, caplog):
     _resave_with(path, change_header=downgrade)
     assert SensitivityTable.load(path).meta == {"metric": "ppl"}
     assert "no content hash" in caplog.text
+
+
+def test_standard_errors_round_trip_and_older_tables_read_as_unknown(tmp_path):
+    from asaf_fx.table import _content_sha256
+
+    degradation = small_degradation()
+    stderr = np.where(np.isnan(degradation), np.nan, 0.001)
+    SensitivityTable(np.ones(3), np.array([0.1, 0.2]), degradation, stderr=stderr).save(tmp_path / "t.safetensors")
+    np.testing.assert_array_equal(SensitivityTable.load(tmp_path / "t.safetensors").stderr, stderr)
+
+    def as_version_2(arrays, header):  # what an asaf_fx without standard errors wrote
+        del arrays["stderr"]
+        header.update(schema="asaf_fx.sensitivity_table/2", content_sha256=_content_sha256(arrays, header["meta"]))
+
+    path = _saved_table(tmp_path)
+    holder = {}
+    _resave_with(path, change_arrays=lambda a: holder.update(arrays=a),
+                 change_header=lambda h: as_version_2(holder["arrays"], h))
+    old = SensitivityTable.load(path)
+    assert old.meta == {"metric": "ppl"} and np.isnan(old.stderr).all()
+    with pytest.raises(ValueError, match="standard error is negative"):
+        SensitivityTable(np.ones(3), np.array([0.1, 0.2]), degradation, stderr=-stderr)

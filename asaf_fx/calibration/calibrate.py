@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from asaf_fx.calibration.entries import MODES, distinct_variants, planned_entries
-from asaf_fx.calibration.estimate import complete_table
+from asaf_fx.calibration.estimate import complete_stderr, complete_table
 from asaf_fx.calibration.measure import METRICS, DegradationMeter
 from asaf_fx.calibration.progress import Progress as SavedProgress
 from asaf_fx.calibration.runner import measure_entries, progress_files, remove_progress
@@ -57,6 +57,7 @@ class CalibrationConfig:
     metric: str = "ppl"
     granularity: int = 32
     validate: int = 0
+    budget: float = 0.01
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -80,6 +81,8 @@ class CalibrationConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.metric not in METRICS:
             raise ValueError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
+        if not math.isfinite(self.budget) or self.budget <= 0:
+            raise ValueError(f"budget must be a number > 0 (e.g. 0.01 for 1 %), got {self.budget}")
         if self.validate < 0:
             raise ValueError(f"validate (random plans to check) must be >= 0, got {self.validate}")
 
@@ -297,7 +300,7 @@ def _calibrate(model, tokenizer, quant: QuantConfig, text: Path, config: Calibra
 
         def measure(entry):
             start, length, level = entry
-            return meter({layer: level for layer in range(start, start + length)})
+            return meter.measure({layer: level for layer in range(start, start + length)})
 
         def advance(entry, value):
             bar.advance(task)
@@ -306,7 +309,9 @@ def _calibrate(model, tokenizer, quant: QuantConfig, text: Path, config: Calibra
                                  on_todo=lambda todo: bar.update(task, total=todo))
     measured_s = time.perf_counter() - measuring
     values = {entry: values[same_as[entry]] for entry in entries}
-    degradation, measured_mask, estimate = complete_table(cal.num_layers, levels, values, seed=config.seed)
+    degradation, measured_mask, estimate = complete_table(cal.num_layers, levels,
+                                                          {e: v for e, (v, _) in values.items()}, seed=config.seed)
+    stderr = complete_stderr(cal.num_layers, levels, {e: se for e, (_, se) in values.items()})
     meta = {
         "model": name, "metric": config.metric, "mode": config.mode, "max_length": config.max_length,
         "text": str(text), "windows": config.windows, "seq_len": config.seq_len, "seed": config.seed,
@@ -317,12 +322,12 @@ def _calibrate(model, tokenizer, quant: QuantConfig, text: Path, config: Calibra
         "fingerprint": fp,
     }
     table = SensitivityTable(np.array(cal.layer_flops, dtype=np.float64), np.array(config.sparsities), degradation,
-                             flops=group_flops(cal), meta=meta, measured=measured_mask)
+                             flops=group_flops(cal), meta=meta, measured=measured_mask, stderr=stderr)
     validation = None
     if config.validate and rank == 0:
         validation = validate(table, meter, config.validate, config.seed)
         table = SensitivityTable(table.layer_flops, table.sparsities, table.degradation, table.flops,
-                                 {**meta, "validation": validation}, table.measured)
+                                 {**meta, "validation": validation}, table.measured, table.stderr)
     if rank == 0:
         if keep:
             table.save(out)
@@ -330,7 +335,25 @@ def _calibrate(model, tokenizer, quant: QuantConfig, text: Path, config: Calibra
         if plot_path is not None:
             plot(table, validation, Path(plot_path))
         summary(console, table, meter, built, measured_s, time.perf_counter() - started, validation)
+        precision(console, table, meter.tokens, config.budget)
     return table
+
+
+def precision(console: Console, table: SensitivityTable, tokens: int, budget: float) -> dict[str, Any]:
+    """Report the measured entries whose standard error exceeds budget/4, and the held-out tokens
+    that would bring the worst under it (the error falls as 1/√tokens)."""
+    errors = table.stderr[table.measured & np.isfinite(table.stderr)]
+    if not errors.size:
+        return {}
+    limit = budget / 4
+    worst = float(errors.max())
+    over = int((errors > limit).sum())
+    needed = math.ceil(tokens * (worst / limit) ** 2)
+    console.print(f"standard errors of the {errors.size} measured entries: median {np.median(errors):.3g}, max "
+                  f"{worst:.3g}; {over} exceed δ/4 = {limit:.3g} (δ = {budget:g})"
+                  + (f": measuring on about {needed} held-out tokens instead of {tokens} would bring all under it"
+                     if over else ""))
+    return {"median": float(np.median(errors)), "max": worst, "over": over, "tokens_needed": needed}
 
 
 def summary(console: Console, table: SensitivityTable, meter: DegradationMeter, built: float, measured: float,

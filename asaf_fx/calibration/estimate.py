@@ -115,3 +115,14 @@ def complete_table(
         "estimated_entries": int(fill.sum()),
     }
     return degradation, measured, info
+
+
+def complete_stderr(num_layers: int, num_levels: int, stderrs: dict[Entry, float]) -> np.ndarray:
+    """(p, p, S) standard errors: measured entries keep theirs; an estimated group of layers L gets
+    ``√(Σ_{l∈L} σ(l, s)²)``, the error of the singles' sum it is estimated from (NaN if one is unknown)."""
+    p = num_layers
+    stderr = np.full((p, p, num_levels), np.nan)
+    for (start, length, level), value in stderrs.items():
+        stderr[start, length - 1, level] = value
+    estimated = np.sqrt(singles_sum(stderr[:, 0, :] ** 2))
+    return np.where(np.isnan(stderr), estimated, stderr)

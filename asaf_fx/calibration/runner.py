@@ -7,6 +7,9 @@ every progress file of the same output â€” whatever the earlier world size was â
 fingerprint. With ``world > 1`` the processes exchange their values with ``all_gather_object`` at
 the end; all of them return the same complete dictionary.
 
+``measure`` returns a value or ``(value, standard error)``; the result maps each entry to the pair
+(standard error NaN where the measurement gave none).
+
 A measurement must depend only on its entry (seeded, no hidden state), which is what makes a
 resumed or distributed run produce the same table as a single uninterrupted one.
 """
@@ -14,13 +17,14 @@ resumed or distributed run produce the same table as a single uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from asaf_fx.calibration.entries import Entry
-from asaf_fx.calibration.progress import Progress
+from asaf_fx.calibration.progress import Measured, Progress
 
 
 def progress_files(out: str | os.PathLike) -> list[Path]:
@@ -30,16 +34,16 @@ def progress_files(out: str | os.PathLike) -> list[Path]:
 
 def measure_entries(
     entries: list[Entry],
-    measure: Callable[[Entry], float],
+    measure: Callable[[Entry], float | Measured],
     out: str | os.PathLike,
     fingerprint: dict[str, Any],
     *,
     rank: int = 0,
     world: int = 1,
-    on_measured: Callable[[Entry, float], None] | None = None,
+    on_measured: Callable[[Entry, Measured], None] | None = None,
     on_todo: Callable[[int], None] | None = None,
-) -> dict[Entry, float]:
-    known: dict[Entry, float] = {}
+) -> dict[Entry, Measured]:
+    known: dict[Entry, Measured] = {}
     for path in progress_files(out):
         known.update(Progress(path, fingerprint).values)
     wanted = set(entries)
@@ -49,15 +53,16 @@ def measure_entries(
     if on_todo is not None:
         on_todo(len(todo))
     for entry in todo:
-        value = float(measure(entry))
-        mine.record(entry, value)
+        result = measure(entry)
+        value, stderr = result if isinstance(result, tuple) else (result, math.nan)
+        mine.record(entry, value, stderr)
         if on_measured is not None:
-            on_measured(entry, value)
+            on_measured(entry, mine.values[entry])
     values = dict(mine.values)
     if world > 1:
         import torch.distributed as dist
 
-        gathered: list[dict[Entry, float] | None] = [None] * world
+        gathered: list[dict[Entry, Measured] | None] = [None] * world
         dist.all_gather_object(gathered, values)
         for part in gathered:
             values.update(part or {})

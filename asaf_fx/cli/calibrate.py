@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                                                 "(default 32)")
     parser.add_argument("--validate", type=int, default=0, metavar="N",
                         help="also measure N random plans and compare with the table's prediction")
+    parser.add_argument("--budget", type=float, default=0.01,
+                        help="the δ the table is for: entries whose standard error exceeds δ/4 are reported with "
+                             "the held-out tokens that would fix them (default 0.01)")
     parser.add_argument("--out", type=Path, required=True, help="table file to write (.safetensors)")
     parser.add_argument("--plot", type=Path, help="PNG: heatmap of single-layer ξ (+ validation scatter); needs "
                                                   "matplotlib")
@@ -54,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.quant = quant_config(args, rotate=not args.no_rotate)
         args.config = CalibrationConfig(mode=args.mode, max_length=args.max_length, sparsities=args.sparsities,
                                         windows=args.windows, seq_len=args.seq_len, seed=args.seed,
-                                        metric=args.metric, granularity=args.granularity, validate=args.validate)
+                                        metric=args.metric, granularity=args.granularity, validate=args.validate,
+                                        budget=args.budget)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
     return args

@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--allow-dense", action="store_true",
                         help="a group may also stay unpruned, as in `python -m asaf_fx run`; without it every "
                              "layer is pruned at --min-sparsity or more")
+    parser.add_argument("--z", type=float, default=1.0,
+                        help="standard errors charged on top of each measured ξ (default 1; 0 charges ξ as measured)")
     parser.add_argument("--out", help="write the plan as JSON here")
     return parser.parse_args(argv)
 
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             resolution=args.resolution,
             method=args.method,
             allow_dense=args.allow_dense,
+            z=args.z,
         )
     except (InfeasibleError, ValueError, FileNotFoundError) as exc:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}")

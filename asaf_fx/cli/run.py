@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--granularity", type=int_at_least(1), default=32, help="channels removed per block "
                                                                                 "(default 32)")
     parser.add_argument("--seed", type=int, default=0, help="window choice and rotations (default 0)")
+    parser.add_argument("--z", type=float, default=1.0,
+                        help="standard errors charged on top of each table entry's ξ (default 1)")
     args = parser.parse_args(argv)
     if (args.mode == "groups") != (args.max_length is not None):
         parser.error("--max-length k goes with --mode groups, and --mode groups needs it")
@@ -56,7 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                         granularity=args.granularity)
         args.config = RunConfig(max_degradation=args.max_degradation, rounds=args.rounds, text=args.text,
                                 eval_text=args.eval_text, eval_windows=args.eval_windows, seq_len=args.seq_len,
-                                a8_layers=args.a8_layers, quant=quant_config(args), calibration=calibration)
+                                a8_layers=args.a8_layers, z=args.z, quant=quant_config(args),
+                                calibration=calibration)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc).replace("max_degradation", "--max-degradation"))
     return args

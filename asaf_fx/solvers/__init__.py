@@ -22,6 +22,7 @@ def solve(
     resolution: float | None = None,
     method: str = "exact",
     allow_dense: bool = False,
+    z: float = 1.0,
 ) -> Plan:
     """Choose consecutive layer groups and one sparsity each, removing the most FLOPs within budget.
 
@@ -37,6 +38,9 @@ def solve(
         allow_dense: a group may also stay unpruned (sparsity 0: no degradation, all its FLOPs),
             so budgets below "every layer at ``min_sparsity``" still have plans. (Two-phase's coarse
             phase represents each interval of levels by its middle one and can miss such plans.)
+        z: each choice is charged ξ + z × its standard error (the table's per-entry errors; for a
+            table without them, its noise floor), so a choice is taken only where it fits the
+            budget with that margin; 0 charges ξ as measured (negative values as 0).
         method: "exact" (globally optimal at the resolution, group count free), "two-phase" (the
             ASAF paper's coarse-then-fine DP, kept as a baseline) or "greedy" (naive baseline).
 
@@ -45,7 +49,7 @@ def solve(
     """
     if method not in _SOLVERS:
         raise ValueError(f"solve: unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    problem = make_problem(table, max_degradation, min_sparsity, max_sparsity, resolution, allow_dense)
+    problem = make_problem(table, max_degradation, min_sparsity, max_sparsity, resolution, allow_dense, z)
     return _SOLVERS[method](problem)
 
 

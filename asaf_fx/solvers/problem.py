@@ -10,10 +10,10 @@ group cannot help, so a group's value is the running maximum over the levels up 
 and to it is added z times the entry's standard error: the one calibration measured with it (paired
 per-token differences, see ``calibration.measure``), or, for tables without them, the table-wide
 noise floor σ for a measured entry and σ·√n for a group of n layers estimated from n single-layer
-measurements. A solver that
-picks the cheapest of many noisy entries otherwise picks their noise: on SmolLM2 tables (σ ≈ 0.3 %
-on 2048 held-out tokens, while most layers' ξ at 5 % lies below that) plans pruned exactly the
-layers whose ξ measured below zero, and the real model missed the 1 % budget by 10×.
+measurements. A solver that picks the cheapest of many noisy entries otherwise picks their noise:
+on SmolLM2 tables (σ ≈ 0.3 % on 2048 held-out tokens, while most layers' ξ at 5 % lies below that)
+plans pruned exactly the layers whose ξ measured below zero, and the real model missed the 1 %
+budget by 10×.
 """
 
 from __future__ import annotations

@@ -126,6 +126,8 @@ class DegradationMeter:
                 kl += float(terms.sum())
                 per_token = terms.sum(-1)
             else:
+                # ξ from the summed loss as before (its bits, and so tables, unchanged); the per-token
+                # losses, a second pass over the logits, only feed the error.
                 nll += self._nll(logits, batch)
                 per_token = self._token_nll(logits, batch).double() - self._base_token_nll[index].double()
             block, size = block_sums(per_token)

@@ -1,6 +1,7 @@
 """Solve time and achieved FLOPs of the exact, two-phase and greedy solvers.
 
-    python benchmarks/solver.py [--layers 32 80 126] [--budget-levels 3 100 1000] [--repeats 3]
+    python benchmarks/solver.py [--layers 32 80 126] [--budget-levels 3 100 1000] [--repeats 3] \
+        [--charge noise-aware|raw]
 
 Tables are synthetic (asaf_fx.synthetic) with 29 levels, 1% .. 15% in steps of 0.5%, budget δ = 1%.
 "Budget levels" L sets the resolution r = δ / (L − 1), so L = 3 is the paper's Δ = 0.5% at δ = 1%.
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 import asaf_fx
-from asaf_fx.solvers import METHODS
+from asaf_fx.solvers import CHARGES, METHODS
 from asaf_fx.synthetic import synthetic_table
 
 
@@ -29,11 +30,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--max-degradation", type=float, default=0.01)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--charge", choices=CHARGES, default="noise-aware", help="how ξ is charged (solve's charge=)")
     args = parser.parse_args()
 
     sparsities = np.round(np.arange(2, 31) * 0.005, 4)  # 29 levels: 1% .. 15%
     console = Console()
-    out = Table(title=f"solver benchmark · δ = {args.max_degradation} · 29 levels · "
+    out = Table(title=f"solver benchmark · δ = {args.max_degradation} · 29 levels · {args.charge} · "
                       f"{platform.processor() or platform.machine()}")
     for column in ("layers", "budget levels", "method", "time (s)", "FLOPs saved", "predicted ξ", "groups"):
         out.add_column(column, justify="right")
@@ -46,7 +48,8 @@ def main() -> None:
                 try:
                     for _ in range(args.repeats):
                         started = time.perf_counter()
-                        plan = asaf_fx.solve(table, args.max_degradation, resolution=resolution, method=method)
+                        plan = asaf_fx.solve(table, args.max_degradation, resolution=resolution, method=method,
+                                             charge=args.charge)
                         times.append(time.perf_counter() - started)
                 except asaf_fx.InfeasibleError:
                     # Coarse budgets round every group up to at least one level: few groups fit.

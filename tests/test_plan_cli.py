@@ -5,6 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 from asaf_fx import Plan
 from asaf_fx.cli.plan import main
 from asaf_fx.synthetic import synthetic_table
@@ -56,3 +59,19 @@ def test_cli_runs_as_a_module(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "ASAF plan (exact)" in done.stdout
+
+
+def test_cli_charge_raw_charges_xi_as_measured_and_refuses_z(tmp_path, capsys):
+    table_path = tmp_path / "table.safetensors"
+    table = synthetic_table(6, seed=1)
+    table.save(table_path)
+    out = tmp_path / "raw.json"
+    assert main([str(table_path), "--max-degradation", "0.01", "--charge", "raw", "--out", str(out)]) == 0
+    plan = Plan.from_json(out.read_text(), num_layers=6)
+    assert plan.stats["charge"] == "raw" and plan.stats["z"] == 0.0
+    levels = [int(np.flatnonzero(np.isclose(table.sparsities, g.sparsity))[0]) for g in plan.groups]
+    xi = [max(table.degradation[g.start, g.stop - g.start - 1, k], 0.0)
+          for g, k in zip(plan.groups, levels, strict=True)]
+    assert plan.predicted_degradation == pytest.approx(sum(xi))  # the table's ξ, no envelope, no margin
+    assert main([str(table_path), "--charge", "raw", "--z", "1", "--out", str(tmp_path / "p.json")]) == 2
+    assert "charge='raw' never does" in capsys.readouterr().err

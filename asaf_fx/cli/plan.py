@@ -12,7 +12,7 @@ from rich.console import Console
 
 from asaf_fx._atomic import write_text_atomic
 from asaf_fx.plan import render_plan
-from asaf_fx.solvers import METHODS, InfeasibleError, solve
+from asaf_fx.solvers import CHARGES, METHODS, InfeasibleError, solve
 from asaf_fx.table import SensitivityTable
 
 
@@ -27,8 +27,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--allow-dense", action="store_true",
                         help="a group may also stay unpruned, as in `python -m asaf_fx run`; without it every "
                              "layer is pruned at --min-sparsity or more")
-    parser.add_argument("--z", type=float, default=1.0,
-                        help="standard errors charged on top of each measured ξ (default 1; 0 charges ξ as measured)")
+    parser.add_argument("--charge", choices=CHARGES, default="noise-aware",
+                        help="noise-aware (default): each level charged the running max of ξ over the levels up to "
+                             "it plus --z standard errors; raw: ξ as measured, the paper's Ξ (negatives as 0)")
+    parser.add_argument("--z", type=float, default=None,
+                        help="standard errors charged on top of each ξ under --charge noise-aware (default 1; "
+                             "0: the running max alone); refused with --charge raw")
     parser.add_argument("--out", help="write the plan as JSON here")
     return parser.parse_args(argv)
 
@@ -47,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             method=args.method,
             allow_dense=args.allow_dense,
             z=args.z,
+            charge=args.charge,
         )
     except (InfeasibleError, ValueError, FileNotFoundError) as exc:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from asaf_fx.plan import Plan
 from asaf_fx.solvers.exact import solve_exact
 from asaf_fx.solvers.greedy import solve_greedy
-from asaf_fx.solvers.problem import InfeasibleError, make_problem
+from asaf_fx.solvers.problem import CHARGES, InfeasibleError, make_problem
 from asaf_fx.solvers.two_phase import solve_two_phase
 from asaf_fx.table import SensitivityTable
 
@@ -22,7 +22,8 @@ def solve(
     resolution: float | None = None,
     method: str = "exact",
     allow_dense: bool = False,
-    z: float = 1.0,
+    z: float | None = None,
+    charge: str = "noise-aware",
 ) -> Plan:
     """Choose consecutive layer groups and one sparsity each, removing the most FLOPs within budget.
 
@@ -36,21 +37,27 @@ def solve(
         resolution: budget quantum r; each Ξ is rounded *up* to a multiple of r, so the returned
             plan's true degradation never exceeds δ. Default δ / 1000.
         allow_dense: a group may also stay unpruned (sparsity 0: no degradation, all its FLOPs),
-            so budgets below "every layer at ``min_sparsity``" still have plans. (Two-phase's coarse
-            phase represents each interval of levels by its middle one and can miss such plans.)
-        z: each choice is charged ξ + z × its standard error (the table's per-entry errors; for a
-            table without them, its noise floor), so a choice is taken only where it fits the
-            budget with that margin; 0 charges ξ as measured (negative values as 0).
+            so budgets below "every layer at ``min_sparsity``" still have plans.
+        z: under ``charge="noise-aware"``, each choice is charged its envelope plus z × its
+            standard error (the table's per-entry errors; for a table without them, its noise
+            floor), so a choice is taken only where it fits the budget with that margin. Default 1;
+            0 keeps the envelope without the margin. ``charge="raw"`` charges no error: leave z out
+            (z=0 is accepted, any other value is refused).
+        charge: "noise-aware" (default): a group at level s is charged the running maximum over
+            levels up to s of max(ξ, 0), plus z standard errors. "raw": the paper's Ξ as measured,
+            exactly the table's ξ per entry, no envelope and no error term; a negative ξ is
+            charged 0, since the DP over remaining budget units cannot refund budget.
         method: "exact" (globally optimal at the resolution, group count free), "two-phase" (the
             ASAF paper's coarse-then-fine DP, kept as a baseline) or "greedy" (naive baseline).
 
     Raises:
-        InfeasibleError: no plan fits; the message names the smallest achievable degradation.
+        InfeasibleError: no plan fits; the message names the smallest achievable degradation and
+            says whether a finer resolution, or method="exact" at this one, would find a plan.
     """
     if method not in _SOLVERS:
         raise ValueError(f"solve: unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    problem = make_problem(table, max_degradation, min_sparsity, max_sparsity, resolution, allow_dense, z)
+    problem = make_problem(table, max_degradation, min_sparsity, max_sparsity, resolution, allow_dense, z, charge)
     return _SOLVERS[method](problem)
 
 
-__all__ = ["METHODS", "InfeasibleError", "solve"]
+__all__ = ["CHARGES", "METHODS", "InfeasibleError", "solve"]

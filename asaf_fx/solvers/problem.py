@@ -5,15 +5,19 @@ budget units of resolution ``r``, and the budget is ``floor(δ / r)`` units. Rou
 *up* means any plan whose units fit the budget also fits it in true (unrounded) degradation:
 Σ Ξ ≤ Σ units·r ≤ δ.
 
-Ξ is not charged as measured but as an upper bound (``charged_degradation``): pruning more of a
-group cannot help, so a group's value is the running maximum over the levels up to s of max(ξ, 0),
-and to it is added z times the entry's standard error: the one calibration measured with it (paired
-per-token differences, see ``calibration.measure``), or, for tables without them, the table-wide
-noise floor σ for a measured entry and σ·√n for a group of n layers estimated from n single-layer
-measurements. A solver that picks the cheapest of many noisy entries otherwise picks their noise:
-on SmolLM2 tables (σ ≈ 0.3 % on 2048 held-out tokens, while most layers' ξ at 5 % lies below that)
-plans pruned exactly the layers whose ξ measured below zero, and the real model missed the 1 %
-budget by 10×.
+By default (``charge="noise-aware"``) Ξ is not charged as measured but as an upper bound
+(``charged_degradation``): pruning more of a group cannot help, so a group's value is the running
+maximum over the levels up to s of max(ξ, 0), and to it is added z times the entry's standard
+error: the one calibration measured with it (paired per-token differences, see
+``calibration.measure``), or, for tables without them, the table-wide noise floor σ for a measured
+entry and σ·√n for a group of n layers estimated from n single-layer measurements. A solver that
+picks the cheapest of many noisy entries otherwise picks their noise: on SmolLM2 tables (σ ≈ 0.3 %
+on 2048 held-out tokens, while most layers' ξ at 5 % lies below that) plans pruned exactly the
+layers whose ξ measured below zero, and the real model missed the 1 % budget by 10×.
+
+``charge="raw"`` charges Ξ as the paper does, as measured: per entry exactly the table's ξ, with no
+envelope over levels and no error term, except that a negative ξ is charged 0. The DP runs over
+remaining budget units ``0 .. floor(δ / r)`` (the paper's arrays), so a choice cannot refund budget.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ from asaf_fx.table import SensitivityTable
 #: budget to rounding, so with 1000 levels and 30 groups the solver is exact for any plan that
 #: spends ≤ 97% of δ — and typically far less is lost because few groups sit at a rounding edge.
 DEFAULT_BUDGET_LEVELS = 1000
+
+#: How ξ is charged: "noise-aware" (running max over levels of max(ξ, 0), plus z standard errors)
+#: or "raw" (max(ξ, 0) as measured, the paper's Ξ).
+CHARGES = ("noise-aware", "raw")
 
 
 class InfeasibleError(ValueError):
@@ -51,7 +59,8 @@ class Problem:
     min_sparsity: float
     max_sparsity: float
     allow_dense: bool = False
-    z: float = 1.0  # standard errors charged per entry
+    z: float = 1.0  # standard errors charged per entry; 0 under charge="raw"
+    charge: str = "noise-aware"
 
     @property
     def num_layers(self) -> int:
@@ -73,14 +82,21 @@ def noise_floor(table: SensitivityTable) -> float:
     return float(np.sqrt(np.mean(negative**2))) if negative.size else 0.0
 
 
-def charged_degradation(table: SensitivityTable, z: float = 1.0) -> np.ndarray:
+def charged_degradation(table: SensitivityTable, z: float = 1.0, *, charge: str = "noise-aware") -> np.ndarray:
     """(p, p, S) cost the solver charges: running max over levels of max(ξ, 0), plus z × the entry's error.
 
     The error is the entry's standard error where the table has one, else σ (``noise_floor``) for a
     measured entry and σ·√n for an estimated group of n layers. Unavailable (NaN) entries stay NaN;
     a sparsity-0 level costs nothing.
+
+    ``charge="raw"``: max(ξ, 0) per entry, every level as measured (a sparsity-0 level included),
+    no envelope and no error term; ``z`` is not used.
     """
     xi = table.degradation
+    if charge == "raw":
+        return np.where(np.isnan(xi), np.nan, np.maximum(xi, 0.0))
+    if charge != "noise-aware":
+        raise ValueError(f"solve: unknown charge {charge!r}; choose one of {', '.join(CHARGES)}")
     monotone = np.fmax.accumulate(np.maximum(xi, 0.0), axis=2)  # fmax: a NaN level does not reset it
     lengths = np.arange(1, table.num_layers + 1, dtype=np.float64)[None, :, None]
     floor = noise_floor(table) * np.where(table.measured, 1.0, np.sqrt(lengths))
@@ -96,7 +112,8 @@ def make_problem(
     max_sparsity: float,
     resolution: float | None,
     allow_dense: bool = False,
-    z: float = 1.0,
+    z: float | None = None,
+    charge: str = "noise-aware",
 ) -> Problem:
     if not isinstance(table, SensitivityTable):
         raise TypeError(f"solve: table must be a SensitivityTable, got {type(table).__name__}")
@@ -105,6 +122,17 @@ def make_problem(
     for name, value in (("min_sparsity", min_sparsity), ("max_sparsity", max_sparsity)):
         if not math.isfinite(value) or not 0.0 <= value < 1.0:
             raise ValueError(f"solve: {name} must lie in [0, 1), got {value!r}")
+    if charge not in CHARGES:
+        raise ValueError(f"solve: unknown charge {charge!r}; choose one of {', '.join(CHARGES)}")
+    if charge == "raw":
+        if z is not None and z != 0:
+            raise ValueError(
+                f"solve: z={z!r} charges standard errors, which charge='raw' never does; "
+                "leave z out or use charge='noise-aware' (--charge noise-aware)"
+            )
+        z = 0.0
+    elif z is None:
+        z = 1.0
     if not math.isfinite(z) or z < 0:
         raise ValueError(f"solve: z (standard errors charged per entry) must be a finite number >= 0, got {z!r}")
     if min_sparsity > max_sparsity:
@@ -123,7 +151,7 @@ def make_problem(
             f"solve: no sparsity level of the table {grid.tolist()} lies in "
             f"[min_sparsity, max_sparsity] = [{min_sparsity}, {max_sparsity}]"
         )
-    degradation = charged_degradation(table, z)[:, :, level_index]
+    degradation = charged_degradation(table, z, charge=charge)[:, :, level_index]
     flops = table.flops[:, :, level_index]
     sparsities = grid[level_index]
     if allow_dense:  # level "-1": the group stays dense, costs nothing and keeps all of its FLOPs
@@ -160,28 +188,50 @@ def make_problem(
         max_sparsity=float(max_sparsity),
         allow_dense=bool(allow_dense),
         z=float(z),
+        charge=charge,
     )
+
+
+def _min_cover(cost: np.ndarray) -> float:
+    """Smallest Σ cost over all covers of layers 0..p-1 by consecutive groups; cost (p, p, K), inf = unusable."""
+    p = cost.shape[0]
+    best = np.full(p + 1, np.inf)
+    best[p] = 0.0
+    for i in range(p - 1, -1, -1):
+        n = p - i
+        best[i] = np.min(cost[i, :n, :] + best[i + 1 : i + 1 + n, None])
+    return float(best[0])
 
 
 def min_degradation(problem: Problem) -> float:
     """Smallest true Σ Ξ over all covers by available groups (inf if none exists)."""
-    p = problem.num_layers
-    best = np.full(p + 1, np.inf)
-    best[p] = 0.0
-    xi = np.where(problem.available, problem.degradation, np.inf)
-    for i in range(p - 1, -1, -1):
-        n = p - i
-        best[i] = np.min(xi[i, :n, :] + best[i + 1 : i + 1 + n, None])
-    return float(best[0])
+    return _min_cover(np.where(problem.available, problem.degradation, np.inf))
+
+
+def min_units(problem: Problem) -> float:
+    """Smallest Σ rounded cost, in units of the resolution, over all covers (inf if none exists).
+
+    A plan exists at this resolution exactly when this is at most ``problem.budget_units``.
+    """
+    return _min_cover(np.where(problem.available, problem.units, np.inf))
 
 
 def raise_infeasible(problem: Problem, method: str) -> None:
+    """Raise the InfeasibleError that says why ``method`` found no plan, and what to change."""
     lowest = min_degradation(problem)
     window = f"sparsity in [{problem.min_sparsity}, {problem.max_sparsity}]"
     if not math.isfinite(lowest):
         raise InfeasibleError(
             f"solve({method}): no plan exists: the table has no measured groups covering every layer with "
             f"{window}; calibrate the missing entries or widen the sparsity range"
+        )
+    units = min_units(problem)
+    if units <= problem.budget_units:  # only a heuristic method can get here: exact finds this plan
+        raise InfeasibleError(
+            f"solve({method}): no plan found for max_degradation={problem.max_degradation:g}, but one exists at "
+            f"resolution {problem.resolution:g} (smallest rounded degradation {units * problem.resolution:.6g}; "
+            f"smallest achievable degradation {lowest:.6g}) that the {method} method does not find; "
+            "use method='exact' (--method exact)"
         )
     if lowest <= problem.max_degradation:
         raise InfeasibleError(
@@ -229,6 +279,7 @@ def build_plan(
             "allow_dense": problem.allow_dense,
             "noise_floor": noise_floor(problem.table),
             "z": problem.z,
+            "charge": problem.charge,
             "entry_errors": bool(np.isfinite(problem.table.stderr).any()),
             "table_sum": math.fsum(measured),  # Σ ξ as in the table, before charged_degradation
         },

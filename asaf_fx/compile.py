@@ -224,8 +224,7 @@ def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantCon
                              "calibration=")
         runner = LayerwiseRunner(split_decoder_layers(gm))
         states = [runner.start(batch, False) for batch in batches]
-        return select_mlp_channels(runner, states, sparsities, prune.granularity, prune.refit, prune.compensate,
-                                   prune.score)
+        return select_mlp_channels(runner, states, sparsities, prune.granularity, prune.refit)
 
     chosen: dict[str, float] = {}
 

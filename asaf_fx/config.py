@@ -9,7 +9,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
-from asaf_fx.passes.prune.channel_selection import SCORES
 from asaf_fx.passes.quantize.quantize_weights import WEIGHT_METHODS, LinearQuant
 
 _BITS = (4, 8, 16)
@@ -185,14 +184,9 @@ class PruneConfig:
 
     granularity: int = 32
     refit: bool = False
-    compensate: bool = False
-    score: str = "magnitude"
 
     def __post_init__(self) -> None:
         if isinstance(self.granularity, bool) or not isinstance(self.granularity, int) or self.granularity <= 0:
             raise ValueError(f"PruneConfig.granularity={self.granularity!r}: must be a positive int, e.g. 32")
-        for name in ("refit", "compensate"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"PruneConfig.{name}={getattr(self, name)!r}: must be True or False")
-        if self.score not in SCORES:
-            raise ValueError(f"PruneConfig.score={self.score!r}: choose one of {', '.join(SCORES)}")
+        if not isinstance(self.refit, bool):
+            raise ValueError(f"PruneConfig.refit={self.refit!r}: must be True or False")

@@ -55,8 +55,6 @@ def main() -> None:
     parser.add_argument("--no-rotate", action="store_true")
     parser.add_argument("--sparsity", type=float, default=0.0)
     parser.add_argument("--refit", action="store_true", help="least-squares down_proj refit when pruning")
-    parser.add_argument("--compensate", action="store_true", help="removed channels' mean as a down_proj bias")
-    parser.add_argument("--score", choices=("magnitude", "fluctuation"), default="magnitude")
     parser.add_argument("--overrides", type=json.loads, default={})
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--calibration", type=int, default=32)
@@ -88,16 +86,14 @@ def main() -> None:
     plan = uniform_plan(model.config.num_hidden_layers, args.sparsity) if args.sparsity else None
     started = time.perf_counter()
     cm = asaf_fx.compile(model, plan, quant=quant, calibration=calibration, decode=False,
-                         prune=asaf_fx.PruneConfig(refit=args.refit, compensate=args.compensate, score=args.score))
+                         prune=asaf_fx.PruneConfig(refit=args.refit))
     spent = time.perf_counter() - started
     ppl = perplexity(lambda ids: cm(ids).logits, test)
     totals = model_totals(cm)
     line = (f"SmolLM2-135M · {'rotated' if quant.rotate else 'unrotated'} "
             f"W{quant.w_bits}A{quant.a_bits}KV{quant.kv_bits} "
             f"{quant.w_method} group {quant.w_group_size or 'channel'} a_clip {quant.a_clip}"
-            f"{f' · uniform sparsity {args.sparsity:g} score {args.score}' if args.sparsity else ''}"
-            f"{' refit' if args.sparsity and args.refit else ''}"
-            f"{' compensate' if args.sparsity and args.compensate else ''}"
+            f"{f' · uniform sparsity {args.sparsity:g}' + (' refit' if args.refit else '') if args.sparsity else ''}"
             f"{f' · overrides {json.dumps(args.overrides)}' if args.overrides else ''}"
             f"{f' · 8-bit inputs in layers {layers}' if args.a8_layers else ''} · "
             f"{test.shape[0]} test windows × 2048 · PPL {ppl:.3f}")

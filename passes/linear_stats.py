@@ -5,7 +5,6 @@ linear's input rows x (flattened over batch and sequence) are accumulated into
 
 * ``hessian = Σ x xᵀ`` (float64, in_features²): GPTQ's H, and the Gram matrix of down_proj's input
   that the least-squares pruning refit uses;
-* ``total = Σ x`` (float64): the mean input, which a pruned down_proj adds back as a bias;
 * ``rows``: how many rows were summed, so ``hessian / rows`` is ``E[x xᵀ]`` and its diagonal the
   mean squared activation per input channel (the activation part of the pruning score).
 
@@ -29,12 +28,7 @@ from asaf_fx.passes.layerwise import LayerwiseRunner, State
 @dataclass
 class LinearStats:
     hessian: torch.Tensor
-    total: torch.Tensor
     rows: int = 0
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.total / max(self.rows, 1)
 
     @property
     def mean_square(self) -> torch.Tensor:
@@ -70,13 +64,9 @@ class _Recorder(Interpreter):
         rows = rows.to(torch.float64)
         entry = self.stats.get(target)
         if entry is None:
-            width = rows.shape[1]
-            entry = self.stats[target] = LinearStats(
-                torch.zeros(width, width, dtype=torch.float64, device=rows.device),
-                torch.zeros(width, dtype=torch.float64, device=rows.device),
-            )
+            zeros = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
+            entry = self.stats[target] = LinearStats(zeros)
         entry.hessian += rows.T @ rows
-        entry.total += rows.sum(dim=0)
         entry.rows += rows.shape[0]
         return entry
 

@@ -35,26 +35,19 @@ def run_with(cal, ids, assignment):
 # re-calibrates the layers after a pruned one on its outputs; the table measures the base's).
 # Calibration runs simulated kernels: equal up to float rounding, which can flip an activation
 # code now and then (seen with GPTQ weights at A8: 3e-3), hence A16 with GPTQ here.
-COMPENSATED = asaf_fx.PruneConfig(compensate=True, score="fluctuation")
-UNCOMPENSATED = asaf_fx.PruneConfig(compensate=False, score="magnitude")
-
-
-@pytest.mark.parametrize("quant,layer,prune", [
-    (asaf_fx.QuantConfig(), 0, COMPENSATED),
-    (asaf_fx.QuantConfig(), 0, UNCOMPENSATED),
-    (asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn", a_clip=0.9), 0, COMPENSATED),
-    (asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn", a_clip=0.9), 0, UNCOMPENSATED),
-    (asaf_fx.QuantConfig(w_bits=4, a_bits=16, kv_bits=8, w_method="gptq"), 1, COMPENSATED),
-], ids=["rotation-only", "rotation-only-uncompensated", "w4a4kv4-rtn", "w4a4kv4-rtn-uncompensated",
-        "w4a16kv8-gptq"])
-def test_variant_equals_compile_with_a_plan_pruning_that_layer(tiny_models, tiny_ids, h, quant, layer, prune):
+@pytest.mark.parametrize("quant,layer", [
+    (asaf_fx.QuantConfig(), 0),
+    (asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn", a_clip=0.9), 0),
+    (asaf_fx.QuantConfig(w_bits=4, a_bits=16, kv_bits=8, w_method="gptq"), 1),
+], ids=["rotation-only", "w4a4kv4-rtn", "w4a16kv8-gptq"])
+def test_variant_equals_compile_with_a_plan_pruning_that_layer(tiny_models, tiny_ids, h, quant, layer):
     model = tiny_models["llama"]
-    cal = build_calibration_model(model, quant, CALIBRATION, SPARSITIES, prune)
+    cal = build_calibration_model(model, quant, CALIBRATION, SPARSITIES, granularity=32)
     assert cal.removed == [[32, 64], [32, 64]]
     base = asaf_fx.compile(model, quant=quant, calibration=CALIBRATION, decode=False)
     assert h.rel_err(run_with(cal, tiny_ids, {}), base(tiny_ids).logits) < 1e-3
     pruned = asaf_fx.compile(model, one_layer_plan(2, layer, SPARSITIES[1]), quant=quant, calibration=CALIBRATION,
-                             decode=False, prune=prune)
+                             decode=False, prune=asaf_fx.PruneConfig(granularity=32))
     got = run_with(cal, tiny_ids, {layer: 1})
     assert h.rel_err(got, pruned(tiny_ids).logits) < 1e-3
     assert h.rel_err(got, base(tiny_ids).logits) > 1e-2  # the variant really changed something
@@ -68,7 +61,7 @@ def _nll(logits, ids):
 def test_meter_computes_the_metric_from_the_pruned_logits(tiny_models, metric):
     model = tiny_models["qwen2"]
     quant = asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn")
-    cal = build_calibration_model(model, quant, CALIBRATION, SPARSITIES)
+    cal = build_calibration_model(model, quant, CALIBRATION, SPARSITIES, granularity=32)
     batches = list(CALIBRATION.split(4))
     meter = DegradationMeter(cal, batches, metric)
     assert meter({}) == 0.0
@@ -114,7 +107,7 @@ def test_block_errors_match_the_spread_of_independent_blocks():
 def test_meter_reports_the_standard_error_of_the_paired_differences(tiny_models, metric):
     model = tiny_models["qwen2"]
     cal = build_calibration_model(model, asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn"),
-                                  CALIBRATION, SPARSITIES)
+                                  CALIBRATION, SPARSITIES, granularity=32)
     batches = list(CALIBRATION.split(4))
     meter = DegradationMeter(cal, batches, metric)
     value, stderr = meter.measure({0: 1})

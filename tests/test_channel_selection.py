@@ -1,4 +1,4 @@
-"""Channel counts at a granularity, activation-aware importance, mean compensation, least-squares refit."""
+"""Channel counts at a granularity, activation-aware importance, least-squares down_proj refit."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ import pytest
 import torch
 
 from asaf_fx.passes.prune.channel_selection import (
-    channel_fluctuation,
     channel_importance,
     channels_to_keep,
     channels_to_remove,
-    mean_compensation,
     mlp_channel_flops,
     refit_down_proj,
 )
@@ -42,28 +40,6 @@ def test_least_important_channels_go():
     mean_square = torch.tensor([5.0, 0.1, 3.0, 0.2, 4.0, 9.0])
     keep = channels_to_keep(channel_importance(down, mean_square), remove=2)
     assert keep.tolist() == [0, 2, 4, 5]
-
-
-def test_fluctuation_scores_the_variance_not_the_mean():
-    down = torch.tensor([[1.0, 1.0, 2.0]])
-    h = torch.tensor([[5.0, 1.0, 0.0], [5.0, -1.0, 1.0], [5.0, 1.0, 0.0], [5.0, -1.0, 1.0]])
-    score = channel_fluctuation(down, (h**2).mean(0), h.mean(0))
-    # channel 0 is constant: all of it is kept by the bias, so it is the cheapest to remove
-    torch.testing.assert_close(score, torch.tensor([0.0, 1.0, 4 * 0.25], dtype=torch.float64))
-
-
-def test_mean_compensation_keeps_the_mean_output():
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(500, 12, generator=g, dtype=torch.float64) + torch.linspace(-2, 3, 12, dtype=torch.float64)
-    down = torch.randn(5, 12, generator=g, dtype=torch.float64)
-    keep = torch.tensor([0, 2, 3, 7, 8, 11])
-    dense_mean = (h @ down.T).mean(0)
-    bias = mean_compensation(down, h.mean(0), keep)
-    torch.testing.assert_close((h[:, keep] @ down[:, keep].T + bias).mean(0), dense_mean)
-    refit = refit_down_proj(down, torch.cov(h.T, correction=0), keep)
-    bias = mean_compensation(down, h.mean(0), keep, refit)
-    torch.testing.assert_close((h[:, keep] @ refit.T + bias).mean(0), dense_mean)
-    assert not torch.allclose(bias, mean_compensation(down, h.mean(0), keep))
 
 
 def test_importance_weighs_activations_and_weights():

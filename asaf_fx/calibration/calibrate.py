@@ -29,7 +29,7 @@ from asaf_fx.calibration.progress import Progress as SavedProgress
 from asaf_fx.calibration.runner import measure_entries, progress_files, remove_progress
 from asaf_fx.calibration.variants import CalibrationModel, build_calibration_model
 from asaf_fx.compile import calibration_batches
-from asaf_fx.config import PruneConfig, QuantConfig
+from asaf_fx.config import QuantConfig
 from asaf_fx.data import calibration_windows, text_sha256, wikitext2_valid_path
 from asaf_fx.table import SensitivityTable
 
@@ -44,9 +44,8 @@ class CalibrationConfig:
     ``groups`` also measures every group of up to ``max_length`` layers; ``full`` measures all.
     ``windows`` windows of ``seq_len`` tokens fit GPTQ and the channel choice, as many other ones
     measure ξ. ``metric``: ``ppl`` (relative perplexity rise) or ``kl`` (mean KL to the unpruned
-    model). ``granularity``: channels removed per block; otherwise layers are pruned as
-    ``PruneConfig()`` prunes them (``prune``). ``validate``: also measure that many random plans
-    and compare them with the table's prediction.
+    model). ``granularity``: channels removed per block. ``validate``: also measure that many
+    random plans and compare them with the table's prediction.
     """
 
     mode: str = "per-layer"
@@ -87,11 +86,6 @@ class CalibrationConfig:
         if self.validate < 0:
             raise ValueError(f"validate (random plans to check) must be >= 0, got {self.validate}")
 
-    @property
-    def prune(self) -> PruneConfig:
-        """How a measured layer is pruned: compile's default pruning at this granularity."""
-        return PruneConfig(granularity=self.granularity)
-
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "sparsities": list(self.sparsities)}
 
@@ -125,7 +119,6 @@ def fingerprint(model_name: str, model, text: Path, config: CalibrationConfig, q
         "metric": config.metric,
         "quant": quant.to_dict(),
         "granularity": config.granularity,
-        "pruning": {"score": config.prune.score, "compensate": config.prune.compensate},
         "sparsities": list(config.sparsities),
         "torch": torch.__version__,
     }
@@ -289,7 +282,7 @@ def _calibrate(model, tokenizer, quant: QuantConfig, text: Path, config: Calibra
                   f"{quant.w_method}) on {config.windows} × {config.seq_len} tokens of {text.name}; ξ is measured "
                   f"on {config.windows} other windows ...")
     levels = len(config.sparsities)
-    cal = build_calibration_model(model, quant, fit, config.sparsities, config.prune,
+    cal = build_calibration_model(model, quant, fit, config.sparsities, config.granularity,
                                   cache_size=(config.max_length or 1) * levels + levels)
     meter = DegradationMeter(cal, batches, config.metric)
     built = time.perf_counter() - started

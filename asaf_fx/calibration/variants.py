@@ -2,20 +2,19 @@
 
 :func:`build_calibration_model` runs ``asaf_fx.compile``'s passes on the forward graph, and where
 compile would prune (after the residual rotation, before the online Hadamards) it records what a
-pruned layer needs instead: each MLP's channel scores and mean input (from the rotated float model,
-as compile chooses channels), its dense down_proj weight, and, during GPTQ, the statistics of
-down_proj's input. With mean compensation every down_proj gets a (zero) bias there, so a variant
-can set it. The linears are then lowered with *simulated* kernels — dequantized weights in
+pruned layer needs instead: each MLP's channel importance (from the rotated float model, as
+compile chooses channels), its dense down_proj weight, and, during GPTQ, the statistics of
+down_proj's input. The linears are then lowered with *simulated* kernels — dequantized weights in
 float GEMMs, activations quantized and dequantized in the graph — which compute what the INT4
 kernels compute up to float rounding (``tests/test_lower_linears.py``), at float-GEMM speed on the
 CPU and with weights that are plain tensors to slice.
 
 :meth:`CalibrationModel.variant` gives the tensors decoder layer ``i`` reads when pruned at
 ``sparsities[k]``, as compile would build them for a plan pruning that layer: gate/up rows of the
-removed channels dropped, down_proj's bias compensating their mean, the kept down_proj columns
-rotated by the Hadamard of the new width and quantized again (GPTQ with the input statistics
-restricted to the kept channels and rotated the same way). The other layers keep their base
-weights: a table entry measures pruning one group of an otherwise unpruned quantized model.
+removed channels dropped, the kept down_proj columns rotated by the Hadamard of the new width and
+quantized again (GPTQ with the input statistics restricted to the kept channels and rotated the
+same way). The other layers keep their base weights: a table entry measures pruning one group of
+an otherwise unpruned quantized model.
 """
 
 from __future__ import annotations
@@ -28,20 +27,15 @@ import torch
 from torch.fx import GraphModule
 
 from asaf_fx.compile import calibration_batches, linear_lowerings, rewrite
-from asaf_fx.config import PruneConfig, QuantConfig
+from asaf_fx.config import QuantConfig
 from asaf_fx.passes.capture import capture_forward, check_model
 from asaf_fx.passes.graph_utils import attr_tensor, get_tensor, is_op, linear_bias
 from asaf_fx.passes.layerwise import LayerwiseRunner
 from asaf_fx.passes.linear_stats import LinearStats
 from asaf_fx.passes.lower.lower_linears import LinearLowering
 from asaf_fx.passes.patterns import SwiGLU, find_swiglus
-from asaf_fx.passes.prune.channel_selection import (
-    channels_to_keep,
-    channels_to_remove,
-    mean_compensation,
-    mlp_channel_flops,
-)
-from asaf_fx.passes.prune.prune_mlp import MlpPruning, channel_scores, down_statistics, layer_linear_flops
+from asaf_fx.passes.prune.channel_selection import channels_to_keep, channels_to_remove, mlp_channel_flops
+from asaf_fx.passes.prune.prune_mlp import channel_importances, layer_linear_flops
 from asaf_fx.passes.rotate.rotations import online_rotation
 from asaf_fx.passes.split_layers import split_decoder_layers
 
@@ -57,7 +51,6 @@ class MlpSite:
     down: str
     gate_bias: str | None
     up_bias: str | None
-    down_bias: str | None
     rotation: str | None  # the (m, m) factor of hadamard_rotate before down_proj; None if unrotated
     hidden: int
     width: int
@@ -70,7 +63,7 @@ def _mlp_sites(gm: GraphModule, mlps: list[SwiGLU]) -> list[MlpSite]:
         source = mlp.down.args[0]
         rotation = source.args[1].target if is_op(source, ops.hadamard_rotate) else None
         hidden, width = get_tensor(gm, mlp.down.args[1]).shape
-        biases = [linear_bias(n) for n in (mlp.gate, mlp.up, mlp.down)]
+        biases = [linear_bias(n) for n in (mlp.gate, mlp.up)]
         sites.append(MlpSite(mlp.gate.args[1].target, mlp.up.args[1].target, mlp.down.args[1].target,
                              *(None if b is None else b.target for b in biases), rotation, int(hidden), int(width)))
     return sites
@@ -82,26 +75,21 @@ class CalibrationModel:
     Attributes:
         runner: runs the simulated rotated-quantized forward graph layer by layer.
         sparsities: the level grid; ``removed[i][k]`` channels of layer i go at level k.
-        prune: how a layer is pruned (channel score, mean compensation; the refit is not supported).
         layer_flops: dense linear FLOPs per token of each layer; ``pruned_flops[i][k]`` after pruning.
     """
 
-    def __init__(self, runner: LayerwiseRunner, quant: QuantConfig, prune: PruneConfig, sites: list[MlpSite],
-                 scores: list[torch.Tensor], means: list[torch.Tensor], dense_down: list[torch.Tensor],
-                 grams: list[torch.Tensor | None], layer_flops: list[int], sparsities: Sequence[float],
-                 cache_size: int) -> None:
+    def __init__(self, runner: LayerwiseRunner, quant: QuantConfig, sites: list[MlpSite],
+                 importances: list[torch.Tensor], dense_down: list[torch.Tensor], grams: list[torch.Tensor | None],
+                 layer_flops: list[int], sparsities: Sequence[float], granularity: int, cache_size: int) -> None:
         self.runner = runner
         self.quant = quant
-        self.prune = prune
         self.sites = sites
-        self.scores = scores
-        self.means = means
+        self.importances = importances
         self.dense_down = dense_down
         self.grams = grams
         self.layer_flops = layer_flops
         self.sparsities = list(sparsities)
-        self.removed = [[channels_to_remove(flops, site.hidden, site.width, s, prune.granularity)
-                         for s in self.sparsities]
+        self.removed = [[channels_to_remove(flops, site.hidden, site.width, s, granularity) for s in self.sparsities]
                         for flops, site in zip(layer_flops, sites, strict=True)]
         self.pruned_flops = [[flops - r * mlp_channel_flops(site.hidden) for r in removed]
                              for flops, site, removed in zip(layer_flops, sites, self.removed, strict=True)]
@@ -130,13 +118,9 @@ class CalibrationModel:
             return {}
         site = self.sites[layer]
         module = self.runner.split.module
-        keep = channels_to_keep(self.scores[layer], remove)
+        keep = channels_to_keep(self.importances[layer], remove)
         tensors = {name: attr_tensor(module, name)[keep]
                    for name in (site.gate, site.up, site.gate_bias, site.up_bias) if name is not None}
-        if self.prune.compensate:
-            bias = attr_tensor(module, site.down_bias)
-            compensation = mean_compensation(self.dense_down[layer], self.means[layer], keep)
-            tensors[site.down_bias] = (bias.to(torch.float64) + compensation.to(bias.device)).to(bias.dtype)
         down = self.dense_down[layer][:, keep].to(torch.float64)
         gram = None if self.grams[layer] is None else self.grams[layer][keep][:, keep]
         if site.rotation is not None:
@@ -155,18 +139,13 @@ class CalibrationModel:
 
 
 def build_calibration_model(model: torch.nn.Module, quant: QuantConfig, calibration, sparsities: Sequence[float],
-                            prune: PruneConfig | None = None, cache_size: int = 64) -> CalibrationModel:
+                            granularity: int = 32, cache_size: int = 64) -> CalibrationModel:
     """Rotate, quantize and lower ``model``'s forward graph as ``asaf_fx.compile`` would (no plan),
-    keeping what pruned variants of each layer need (see the module docstring). ``prune``: how
-    compile would prune (default ``PruneConfig()``); its refit is not supported here.
+    keeping what pruned variants of each layer need (see the module docstring).
 
     ``calibration`` (token ids, as compile takes them) chooses channels and calibrates GPTQ.
     ``cache_size`` bounds how many built (layer, level) variants are kept in memory.
     """
-    prune = PruneConfig() if prune is None else prune
-    if prune.refit:
-        raise ValueError("calibration measures pruned layers without the least-squares refit; use "
-                         "PruneConfig(refit=False)")
     check_model(model)
     batches = calibration_batches(calibration, getattr(model.config, "max_position_embeddings", None))
     was_training = model.training
@@ -178,19 +157,13 @@ def build_calibration_model(model: torch.nn.Module, quant: QuantConfig, calibrat
     found: dict = {}
     down_inputs: dict[str, LinearStats] = {}
 
-    def record_instead_of_pruning(gm: GraphModule) -> list[MlpPruning] | None:
+    def record_instead_of_pruning(gm: GraphModule) -> None:
         runner = LayerwiseRunner(split_decoder_layers(gm))
-        statistics = down_statistics(runner, [runner.start(batch, False) for batch in batches])
-        found["scores"] = [channel_scores(down, stats, prune.score) for down, stats in statistics]
-        found["means"] = [stats.mean for _, stats in statistics]
+        found["importances"] = channel_importances(runner, [runner.start(batch, False) for batch in batches])
         found["flops"] = layer_linear_flops(gm)
         found["mlps"] = find_swiglus(gm)
         found["dense"] = [get_tensor(gm, mlp.down.args[1]).detach().clone() for mlp in found["mlps"]]
-        if not prune.compensate:
-            return None
-        # Nothing is pruned, but every down_proj gets a zero bias for a variant to set.
-        return [MlpPruning(torch.arange(down.shape[1]), down_bias=torch.zeros(down.shape[0], dtype=torch.float64))
-                for down in found["dense"]]
+        return None
 
     def simulated_lowerings(gm: GraphModule) -> list[LinearLowering]:
         found["sites"] = _mlp_sites(gm, found["mlps"])  # before lowering fuses the Hadamard away
@@ -203,8 +176,8 @@ def build_calibration_model(model: torch.nn.Module, quant: QuantConfig, calibrat
     rewrite([forward], model, quant, record_instead_of_pruning, simulated_lowerings)
     sites = found["sites"] if "sites" in found else _mlp_sites(forward, found["mlps"])
     grams = [_unrotated_gram(down_inputs.get(site.down), site, quant.seed) for site in sites]
-    return CalibrationModel(LayerwiseRunner(split_decoder_layers(forward)), quant, prune, sites, found["scores"],
-                            found["means"], found["dense"], grams, found["flops"], sparsities, cache_size)
+    return CalibrationModel(LayerwiseRunner(split_decoder_layers(forward)), quant, sites, found["importances"],
+                            found["dense"], grams, found["flops"], sparsities, granularity, cache_size)
 
 
 def _unrotated_gram(stats: LinearStats | None, site: MlpSite, seed: int) -> torch.Tensor | None:

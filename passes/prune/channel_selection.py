@@ -9,11 +9,6 @@ GEMMs keep kernel-friendly widths; the FLOPs actually removed are therefore clos
 Importance is activation-aware: channel j's expected squared contribution to the MLP output,
 ``E[h_j²] · ‖W_down[:, j]‖²`` with ``h`` the input of down_proj on calibration data.
 
-Mean compensation (FLAP's bias): a removed channel's mean contribution ``E[h_j] · W_down[:, j]``
-is a constant vector, so down_proj keeps it as a bias and the pruned MLP loses only the channel's
-fluctuation around its mean. With compensation the matching score is that fluctuation,
-``Var[h_j] · ‖W_down[:, j]‖²``.
-
 The optional least-squares correction refits the kept down_proj columns so that, on the
 calibration inputs, ``W' h_keep`` best reproduces the unpruned ``W h``:
 ``W' = W G[:, keep] G[keep, keep]⁻¹`` with ``G = E[h hᵀ]`` — the same Gram matrix GPTQ uses.
@@ -22,9 +17,6 @@ calibration inputs, ``W' h_keep`` best reproduces the unpruned ``W h``:
 from __future__ import annotations
 
 import torch
-
-#: Channel scores :func:`select_mlp_channels` knows: E[h²]·‖W_j‖² and Var[h]·‖W_j‖².
-SCORES = ("magnitude", "fluctuation")
 
 
 def mlp_channel_flops(hidden: int) -> int:
@@ -68,30 +60,6 @@ def channel_importance(down_weight: torch.Tensor, mean_square_input: torch.Tenso
             f"{mean_square_input.shape[0]}"
         )
     return mean_square_input.to(torch.float64) * down_weight.to(torch.float64).pow(2).sum(dim=0)
-
-
-def channel_fluctuation(down_weight: torch.Tensor, mean_square_input: torch.Tensor,
-                        mean_input: torch.Tensor) -> torch.Tensor:
-    """Var[h_j] · ‖W_down[:, j]‖² per intermediate channel j: what is lost once the mean is kept."""
-    variance = mean_square_input.to(torch.float64) - mean_input.to(torch.float64) ** 2
-    return channel_importance(down_weight, variance.clamp_min(0.0))
-
-
-def mean_compensation(down_weight: torch.Tensor, mean_input: torch.Tensor, keep: torch.Tensor,
-                      kept_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The down_proj bias that keeps the MLP's mean output: ``W E[h] − W' E[h_keep]``.
-
-    ``W'`` is the pruned weight over the kept channels: ``W[:, keep]`` unless ``kept_weight`` (a
-    refitted one) is given, and then the bias is ``Σ_removed E[h_j] · W[:, j]``. Returns a float64
-    vector of length out_features.
-    """
-    w = down_weight.to(torch.float64)
-    mean = mean_input.to(device=w.device, dtype=torch.float64)
-    if kept_weight is None:
-        removed = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
-        removed[keep] = False
-        return w[:, removed] @ mean[removed]
-    return w @ mean - kept_weight.to(device=w.device, dtype=torch.float64) @ mean[keep]
 
 
 def channels_to_keep(importance: torch.Tensor, remove: int) -> torch.Tensor:

@@ -1,8 +1,7 @@
 """Remove whole SwiGLU intermediate channels: rows of gate_proj and up_proj, columns of down_proj.
 
-Preserves: nothing exactly — this is pruning. With down_proj neither refitted nor compensated, the
-pruned MLP equals the unpruned one with the removed channels' activations h_j forced to zero; with
-mean compensation, forced to their calibration mean E[h_j] (down_proj gains a bias). The weights really
+Preserves: nothing exactly — this is pruning. With down_proj not refitted, the pruned MLP equals
+the unpruned one with the removed channels' activations h_j forced to zero. The weights really
 shrink, so every later pass and kernel (the online Hadamard before down_proj included) works on
 the smaller width.
 
@@ -17,20 +16,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
-from asaf_fx.passes.graph_utils import add_constant, get_tensor, linear_bias, set_tensor, update_tensor
+from asaf_fx.passes.graph_utils import get_tensor, linear_bias, set_tensor, update_tensor
 from asaf_fx.passes.infra import META_KEY, PassResult, PatternError
 from asaf_fx.passes.layerwise import LayerwiseRunner, State
 from asaf_fx.passes.linear_stats import LinearStats, collect_linear_stats
 from asaf_fx.passes.patterns import find_swiglus
 from asaf_fx.passes.prune.channel_selection import (
-    SCORES,
-    channel_fluctuation,
     channel_importance,
     channels_to_keep,
     channels_to_remove,
-    mean_compensation,
     refit_down_proj,
 )
 from asaf_fx.passes.split_layers import decoder_linears
@@ -38,12 +34,10 @@ from asaf_fx.passes.split_layers import decoder_linears
 
 @dataclass(frozen=True)
 class MlpPruning:
-    """Kept channel indices (ascending) of one MLP, optionally its refitted down_proj weight and the
-    bias down_proj gains (added to its bias where it has one)."""
+    """Kept channel indices (ascending) of one MLP, and optionally its refitted down_proj weight."""
 
     keep: torch.Tensor
     down_weight: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
 
 
 class PruneMlpChannels:
@@ -60,15 +54,11 @@ class PruneMlpChannels:
             raise PatternError(f"prune_mlp: the graph has {len(mlps)} SwiGLU MLPs but {len(self.prunings)} "
                                "prunings were given (one per decoder layer)")
         widths = []
-        for layer, (mlp, pruning) in enumerate(zip(mlps, self.prunings, strict=True)):
+        for mlp, pruning in zip(mlps, self.prunings, strict=True):
             width = get_tensor(gm, mlp.down.args[1]).shape[1]
             kept = width if pruning is None else len(pruning.keep)
             widths.append({"width": int(width), "kept": int(kept)})
-            if pruning is None:
-                continue
-            if pruning.down_bias is not None:
-                _add_bias(gm, mlp.down, pruning.down_bias, f"asaf_down_bias_{layer}")
-            if kept == width:
+            if pruning is None or kept == width:
                 continue
             keep = pruning.keep.to(torch.long)
             for linear in (mlp.gate, mlp.up):
@@ -86,19 +76,6 @@ class PruneMlpChannels:
                 update_tensor(gm, mlp.down.args[1], lambda w: w[:, keep])
         gm.meta.setdefault(META_KEY, {})["mlp_widths"] = widths
         return PassResult(gm, True)
-
-
-def _add_bias(gm: GraphModule, down: Node, value: torch.Tensor, name: str) -> None:
-    """Add ``value`` to down_proj's bias, giving it one (a new constant ``name``) where it has none."""
-    weight = get_tensor(gm, down.args[1])
-    if value.shape != (weight.shape[0],):
-        raise ValueError(f"prune_mlp: down_proj bias has shape {tuple(value.shape)}, expected ({weight.shape[0]},)")
-    if (bias := linear_bias(down)) is not None:
-        update_tensor(gm, bias, lambda b: b + value.to(b.device, torch.float64), same_shape=True)
-        return
-    node = add_constant(gm, name, value.to(device=weight.device, dtype=weight.dtype), down)
-    down.args = (*down.args[:2], node)
-    down.kwargs = {key: v for key, v in down.kwargs.items() if key != "bias"}
 
 
 def layer_linear_flops(gm: GraphModule) -> list[int]:
@@ -130,18 +107,10 @@ def _down_inputs(runner: LayerwiseRunner, states: list[State], wanted: Callable[
         states[:] = [runner.run_layer(layer, state) for state in states]
 
 
-def down_statistics(runner: LayerwiseRunner, states: list[State]) -> list[tuple[torch.Tensor, LinearStats]]:
-    """(down_proj weight, statistics of its input) of every layer (see :func:`select_mlp_channels`)."""
-    return [(down, stats) for _, _, down, stats in _down_inputs(runner, states, lambda _: True)]
-
-
-def channel_scores(down: torch.Tensor, stats: LinearStats, score: str) -> torch.Tensor:
-    """Per-channel pruning score of one MLP: "magnitude" E[h²]·‖W_j‖² or "fluctuation" Var[h]·‖W_j‖²."""
-    if score not in SCORES:
-        raise ValueError(f"unknown channel score {score!r}; choose one of {', '.join(SCORES)}")
-    if score == "magnitude":
-        return channel_importance(down, stats.mean_square)
-    return channel_fluctuation(down, stats.mean_square, stats.mean)
+def channel_importances(runner: LayerwiseRunner, states: list[State]) -> list[torch.Tensor]:
+    """:func:`channel_importance` of every layer's MLP channels (see :func:`select_mlp_channels`)."""
+    return [channel_importance(down, stats.mean_square)
+            for _, _, down, stats in _down_inputs(runner, states, lambda _: True)]
 
 
 def select_mlp_channels(
@@ -149,18 +118,13 @@ def select_mlp_channels(
     states: list[State],
     sparsities: Sequence[float],
     granularity: int = 32,
-    refit: bool = False,
-    compensate: bool = False,
-    score: str = "magnitude",
+    refit: bool = True,
 ) -> list[MlpPruning | None]:
     """Which channels each layer keeps at its sparsity, from activation statistics on ``states``.
 
     ``runner`` runs the (rotated, unpruned) forward graph layer by layer; ``states`` are its
     calibration states at layer 0 and are advanced through every layer (unpruned), so each layer's
     statistics come from the same inputs the dense model sees. Layers with sparsity 0 are skipped.
-    ``score``: "magnitude" (E[h²]·‖W_j‖²) or "fluctuation" (Var[h]·‖W_j‖²); ``compensate``: keep
-    the removed channels' mean contribution as a down_proj bias; ``refit``: least-squares down_proj
-    over the kept channels (on the centred statistics when compensating).
     """
     if len(sparsities) != runner.num_layers:
         raise ValueError(f"{len(sparsities)} sparsities for {runner.num_layers} decoder layers")
@@ -170,13 +134,7 @@ def select_mlp_channels(
         if stats is None:
             result.append(None)
             continue
-        keep = channels_to_keep(channel_scores(down, stats, score), removed[layer])
-        refitted = None
-        if refit:
-            gram = stats.hessian / stats.rows
-            if compensate:
-                gram = gram - torch.outer(stats.mean, stats.mean)
-            refitted = refit_down_proj(down, gram, keep)
-        bias = mean_compensation(down, stats.mean, keep, refitted) if compensate else None
-        result.append(MlpPruning(keep, refitted, bias))
+        keep = channels_to_keep(channel_importance(down, stats.mean_square), removed[layer])
+        refitted = refit_down_proj(down, stats.hessian / stats.rows, keep) if refit else None
+        result.append(MlpPruning(keep, refitted))
     return result

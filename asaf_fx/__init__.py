@@ -10,9 +10,10 @@ from asaf_fx.pipeline import RunConfig, RunResult, run
 from asaf_fx.plan import Group, Plan, uniform_plan
 from asaf_fx.solvers import InfeasibleError, solve
 from asaf_fx.table import SensitivityTable
+from asaf_fx.tradeoff import CurveResult, tradeoff_curve
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["CalibrationConfig", "CheckpointError", "CheckpointInfo", "Group", "InfeasibleError", "Plan", "PruneConfig",
-           "QuantConfig", "RunConfig", "RunResult", "SensitivityTable", "calibrate", "compile", "inspect", "load",
-           "load_model", "run", "save", "solve", "uniform_plan"]
+__all__ = ["CalibrationConfig", "CheckpointError", "CheckpointInfo", "CurveResult", "Group", "InfeasibleError", "Plan",
+           "PruneConfig", "QuantConfig", "RunConfig", "RunResult", "SensitivityTable", "calibrate", "compile",
+           "inspect", "load", "load_model", "run", "save", "solve", "tradeoff_curve", "uniform_plan"]

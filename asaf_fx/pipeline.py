@@ -217,15 +217,44 @@ class RunResult:
     table: SensitivityTable
 
 
-def run(model: str | os.PathLike, out: str | os.PathLike, config: RunConfig = RunConfig(),
-        console: Console | None = None) -> RunResult:
-    """Calibrate, solve, compile and measure ``model`` ('smollm2', a transformers directory or a .gguf
-    file) as ``config`` asks, writing every artefact into ``out``; a rerun reuses what is finished."""
+@dataclass
+class Prepared:
+    """What :func:`run` and ``asaf_fx.tradeoff_curve`` measure with: the loaded model, the texts and
+    their windows, the sensitivity table, and ``config`` with the ``a8_layers`` already applied to
+    its ``quant`` (the table is measured on that model)."""
+
+    model_name: str
+    config: RunConfig
+    model: Any  # the 16-bit transformers model
+    tokenizer: Any
+    text: Path
+    eval_text: Path
+    eval_ids: torch.Tensor
+    cal_ids: torch.Tensor
+    table: SensitivityTable
+    activation_bits: dict[str, Any] | None
+
+    @property
+    def prune(self) -> PruneConfig:
+        return PruneConfig(granularity=self.config.calibration.granularity)
+
+    def build(self, plan: Plan | None, decode: bool = False):
+        """``plan`` compiled (None: the unpruned rotated-quantized base) with the run's quantization,
+        calibration windows and pruning."""
+        return compile_model(self.model, plan, quant=self.config.quant, calibration=self.cal_ids, prune=self.prune,
+                             decode=decode)
+
+    def perplexity(self, model) -> float:
+        """Perplexity of ``model`` (compiled or not) on the evaluation windows."""
+        return _ppl(model, self.eval_ids)
+
+
+def prepare(model_name: str, out: Path, config: RunConfig, console: Console, models: str = "≥ 4") -> Prepared:
+    """Seed, check the texts, load the model, cut the evaluation windows, choose the 8-bit layers
+    (``a8_layers``) and calibrate or reuse OUT/table.safetensors. ``models``: how many models the
+    caller evaluates, for the note on the cost of ``eval_windows=0``."""
     from asaf_fx.models import load_model
 
-    console = console if console is not None else Console(stderr=True, soft_wrap=True)
-    model_name, out = str(model), Path(out)
-    started = time.perf_counter()
     seed_everything(config.seed)
     text, eval_text = texts(config)
     model, tokenizer = load_model(model_name)
@@ -235,7 +264,7 @@ def run(model: str | os.PathLike, out: str | os.PathLike, config: RunConfig = Ru
             raise ValueError(f"text is shorter than one window of {config.seq_len} tokens")
     except ValueError as exc:
         raise ValueError(f"{eval_text}: {exc}; use fewer evaluation windows or a shorter sequence length") from exc
-    every = (f" (every whole window: each of the ≥ 4 models evaluated takes "
+    every = (f" (every whole window: each of the {models} models evaluated takes "
              f"{eval_ids.shape[0] / DEFAULT_EVAL_WINDOWS:.0f}× "
              f"as long as with the default {DEFAULT_EVAL_WINDOWS})" if not config.eval_windows else "")
     console.print(f"evaluating on {eval_ids.shape[0]} windows × {config.seq_len} tokens of {eval_text}{every}")
@@ -246,32 +275,50 @@ def run(model: str | os.PathLike, out: str | os.PathLike, config: RunConfig = Ru
     cal = config.calibration
     table = table_for(model_name, out, config, (model, tokenizer), text, console)
     cal_ids = calibration_windows(tokenizer, text, cal.windows, cal.seq_len, seed=cal.seed)
-    prune = PruneConfig(granularity=cal.granularity)
+    return Prepared(model_name, config, model, tokenizer, text, eval_text, eval_ids, cal_ids, table, activation_bits)
 
-    def build(plan: Plan | None, decode: bool = False):
-        return compile_model(model, plan, quant=config.quant, calibration=cal_ids, prune=prune, decode=decode)
 
-    ppl_fp = _ppl(model, eval_ids)
-    base = build(None)
-    ppl_base, base_totals = _ppl(base, eval_ids), model_totals(base)
+def measure_base(prepared: Prepared, console: Console) -> tuple[float, float, dict[str, float]]:
+    """Perplexity of the 16-bit model and of the unpruned rotated-quantized base, and the base's
+    :func:`model_totals` (its FLOPs are the dense FLOPs)."""
+    ppl_fp = prepared.perplexity(prepared.model)
+    base = prepared.build(None)
+    ppl_base, base_totals = prepared.perplexity(base), model_totals(base)
     console.print(f"perplexity: 16-bit {ppl_fp:.4f}, rotated-quantized {ppl_base:.4f}")
-    del base
+    return ppl_fp, ppl_base, base_totals
+
+
+def solve_plan(table: SensitivityTable, delta: float, z: float) -> Plan:
+    """The run's plan within ``delta``: each layer pruned at one of ``table``'s levels or left dense."""
+    return solve(table, delta, min_sparsity=float(table.sparsities[0]), max_sparsity=float(table.sparsities[-1]),
+                 allow_dense=True, z=z)
+
+
+def run(model: str | os.PathLike, out: str | os.PathLike, config: RunConfig = RunConfig(),
+        console: Console | None = None) -> RunResult:
+    """Calibrate, solve, compile and measure ``model`` ('smollm2', a transformers directory or a .gguf
+    file) as ``config`` asks, writing every artefact into ``out``; a rerun reuses what is finished."""
+    console = console if console is not None else Console(stderr=True, soft_wrap=True)
+    model_name, out = str(model), Path(out)
+    started = time.perf_counter()
+    prepared = prepare(model_name, out, config, console)
+    config, table, build = prepared.config, prepared.table, prepared.build
+    tokenizer, text, eval_text, eval_ids = prepared.tokenizer, prepared.text, prepared.eval_text, prepared.eval_ids
+    activation_bits, cal = prepared.activation_bits, config.calibration
+    ppl_fp, ppl_base, base_totals = measure_base(prepared, console)
 
     budget, delta = config.max_degradation, config.max_degradation
-    levels = (float(table.sparsities[0]), float(table.sparsities[-1]))
     cheapest = float(np.nanmin(charged_degradation(table, config.z)[:, :, table.sparsities > 0]))
     rounds: list[dict[str, Any]] = []
     best = None  # (measured, plan, compiled, ppl)
     for number in range(1, config.rounds + 1):
         try:
-            plan = solve(table, delta, min_sparsity=levels[0], max_sparsity=levels[1], allow_dense=True,
-                         z=config.z)
+            plan = solve_plan(table, delta, config.z)
             if plan.flops_ratio >= 1.0 and rounds and cheapest < rounds[-1]["max_degradation"]:
                 # Dense measures 0 by construction, so it teaches nothing: the smallest plan worth
                 # measuring after an overshoot is the cheapest single choice.
                 delta = cheapest * (1 + 1e-9)
-                plan = solve(table, delta, min_sparsity=levels[0], max_sparsity=levels[1], allow_dense=True,
-                             z=config.z)
+                plan = solve_plan(table, delta, config.z)
         except InfeasibleError as exc:
             rounds.append({"round": number, "max_degradation": delta, "infeasible": str(exc)})
             console.print(f"round {number}: δ={delta:.4g}: {exc}")

@@ -225,6 +225,32 @@ def negative_graph():
     return build
 
 
+WORDS = ("the model reads a long text about rivers , hills and old towns ; each line adds a few more "
+         "words so that the byte level windows have something to predict .").split()
+
+
+def pipeline_inputs(folder: Path, layers: int) -> dict[str, Path]:
+    """A tiny Llama of ``layers`` layers with a byte tokenizer, a calibration and an evaluation text,
+    written under ``folder``: what the pipeline's commands read."""
+    import numpy as np
+
+    def text(path: Path, seed: int) -> Path:
+        rng = np.random.default_rng(seed)
+        path.write_text("\n".join(" ".join(rng.choice(WORDS, 12)) for _ in range(60)) + "\n", encoding="utf-8")
+        return path
+
+    make_tiny("llama", seed=5, num_hidden_layers=layers).save_pretrained(folder / "model")
+    byte_tokenizer().save_pretrained(folder / "model")
+    return {"model": folder / "model", "text": text(folder / "calib.txt", 0), "eval": text(folder / "eval.txt", 1)}
+
+
+def pipeline_argv(inputs: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """Command-line options of ``run`` / ``curve`` for :func:`pipeline_inputs`, sized to run in seconds."""
+    return ["--model", str(inputs["model"]), "--out", str(out), "--text", str(inputs["text"]),
+            "--eval-text", str(inputs["eval"]), "--eval-windows", "2", "--seq-len", "64", "--windows", "4",
+            "--cal-seq-len", "32", "--sparsities", "0.1,0.2", "--w-method", "rtn", *extra]
+
+
 @pytest.fixture(scope="session")
 def h():
     """Helpers for test modules (``--import-mode=importlib`` makes conftest un-importable)."""
@@ -232,4 +258,4 @@ def h():
 
     return SimpleNamespace(rel_err=rel_err, snapshot=snapshot, assert_unchanged=assert_unchanged, archs=ARCHS,
                            make_tiny=make_tiny, tiny=TINY, byte_tokenizer=byte_tokenizer, single_thread=single_thread,
-                           linear_inputs=linear_inputs)
+                           linear_inputs=linear_inputs, pipeline_inputs=pipeline_inputs, pipeline_argv=pipeline_argv)

@@ -16,29 +16,15 @@ from asaf_fx import __main__ as entry
 from asaf_fx import pipeline
 from asaf_fx.cli import run as run_cli
 
-WORDS = ("the model reads a long text about rivers , hills and old towns ; each line adds a few more "
-         "words so that the byte level windows have something to predict .").split()
-
-
-def _text(path: Path, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    path.write_text("\n".join(" ".join(rng.choice(WORDS, 12)) for _ in range(60)) + "\n", encoding="utf-8")
-    return path
-
 
 @pytest.fixture(scope="module")
 def inputs(h, tmp_path_factory) -> dict[str, Path]:
-    """A 4-layer tiny Llama with a byte tokenizer, a calibration text and an evaluation text."""
-    folder = tmp_path_factory.mktemp("tiny4")
-    h.make_tiny("llama", seed=5, num_hidden_layers=4).save_pretrained(folder / "model")
-    h.byte_tokenizer().save_pretrained(folder / "model")
-    return {"model": folder / "model", "text": _text(folder / "calib.txt", 0), "eval": _text(folder / "eval.txt", 1)}
+    return h.pipeline_inputs(tmp_path_factory.mktemp("tiny4"), 4)
 
 
-def argv(inputs, out, *extra) -> list[str]:
-    return ["--model", str(inputs["model"]), "--out", str(out), "--text", str(inputs["text"]),
-            "--eval-text", str(inputs["eval"]), "--eval-windows", "2", "--seq-len", "64", "--windows", "4",
-            "--cal-seq-len", "32", "--sparsities", "0.1,0.2", "--w-method", "rtn", *extra]
+@pytest.fixture(scope="module")
+def argv(h):
+    return h.pipeline_argv
 
 
 def run(args: list[str]) -> tuple[pipeline.RunResult, str]:
@@ -49,7 +35,7 @@ def run(args: list[str]) -> tuple[pipeline.RunResult, str]:
 
 
 @pytest.fixture(scope="module")
-def generous(inputs, tmp_path_factory):
+def generous(inputs, tmp_path_factory, argv):
     """A budget far above what pruning every layer at the top level costs: one round, a non-empty plan."""
     out = tmp_path_factory.mktemp("run") / "out"
     result, printed = run(argv(inputs, out, "--max-degradation", "10"))
@@ -124,7 +110,7 @@ def test_the_python_api_runs_without_the_cli(inputs, tmp_path):
     ("--a-clip", "mse", "mse"),
     ("--a-clip", "0.8", 0.8),
 ])
-def test_quantization_options_reach_the_run_config(inputs, tmp_path, flag, value, expect):
+def test_quantization_options_reach_the_run_config(inputs, tmp_path, flag, value, expect, argv):
     config = run_cli.parse_args(argv(inputs, tmp_path / "out", flag, value)).config
     assert (config.quant.overrides if flag == "--overrides" else config.quant.a_clip) == expect
 
@@ -139,7 +125,7 @@ def test_run_config_refuses_what_the_run_cannot_do(kwargs, message):
         asaf_fx.RunConfig(**kwargs)
 
 
-def test_an_overshooting_plan_is_tightened_and_rounds_are_bounded(generous, inputs, tmp_path, monkeypatch):
+def test_an_overshooting_plan_is_tightened_and_rounds_are_bounded(generous, inputs, tmp_path, monkeypatch, argv):
     """Every ASAF model measures 50% worse than it is: each round overshoots; δ shrinks as documented."""
     first, _, _ = generous
     out = tmp_path / "out"
@@ -171,7 +157,8 @@ def test_an_overshooting_plan_is_tightened_and_rounds_are_bounded(generous, inpu
     assert json.loads((out / "summary.json").read_text())["budget_met"] is False
 
 
-def test_after_an_overshoot_a_dense_plan_is_replaced_by_the_cheapest_pruning(generous, inputs, tmp_path, monkeypatch):
+def test_after_an_overshoot_a_dense_plan_is_replaced_by_the_cheapest_pruning(generous, inputs, tmp_path, monkeypatch,
+                                                                             argv):
     """A tightened δ below every charged cost would give the dense plan, which measures 0 by construction."""
     from asaf_fx.solvers.problem import charged_degradation
 
@@ -211,7 +198,7 @@ def test_the_summary_says_when_uniform_sparsity_rounds_to_no_channels(generous):
     assert f"rounds to zero blocks of {result.summary['granularity']}" in printed[1]
 
 
-def test_bad_inputs_name_the_problem(generous, inputs, tmp_path, capsys):
+def test_bad_inputs_name_the_problem(generous, inputs, tmp_path, capsys, argv):
     first, _, _ = generous
     clash = tmp_path / "clash"
     clash.mkdir()
@@ -237,7 +224,7 @@ def test_bad_inputs_name_the_problem(generous, inputs, tmp_path, capsys):
     (["--mode", "groups"], "--max-length"),
     (["--w-bits", "3"], "bits"),
 ])
-def test_bad_arguments_are_refused_by_the_parser(inputs, tmp_path, capsys, args, message):
+def test_bad_arguments_are_refused_by_the_parser(inputs, tmp_path, capsys, args, message, argv):
     with pytest.raises(SystemExit) as exc:
         entry.main(["run", *argv(inputs, tmp_path / "o", *args)])
     assert exc.value.code == 2 and message in capsys.readouterr().err
@@ -248,7 +235,7 @@ def test_entry_point_lists_commands(capsys):
     assert entry.main([]) == 2 and "run" in capsys.readouterr().err
 
 
-def test_without_text_arguments_it_measures_the_embedded_wikitext2(inputs, tmp_path, monkeypatch):
+def test_without_text_arguments_it_measures_the_embedded_wikitext2(inputs, tmp_path, monkeypatch, argv):
     monkeypatch.delenv("ASAF_FX_DATA", raising=False)
     out = tmp_path / "out"
     args = argv(inputs, out, "--max-degradation", "10", "--rounds", "1")
@@ -268,7 +255,7 @@ def test_a_data_folder_without_the_default_text_is_named(inputs, tmp_path, monke
         pipeline.texts(asaf_fx.RunConfig(text=inputs["text"]))
 
 
-def test_eval_windows_zero_evaluates_every_whole_window(inputs, tmp_path):
+def test_eval_windows_zero_evaluates_every_whole_window(inputs, tmp_path, argv):
     from transformers import AutoTokenizer
 
     from asaf_fx.evaluate import read_text
@@ -281,7 +268,7 @@ def test_eval_windows_zero_evaluates_every_whole_window(inputs, tmp_path):
     assert f"evaluating on {tokens // 64} windows" in printed and "every whole window" in printed
 
 
-def test_a8_layers_raise_the_most_helped_layers_everywhere_and_gains_are_reused(inputs, tmp_path):
+def test_a8_layers_raise_the_most_helped_layers_everywhere_and_gains_are_reused(inputs, tmp_path, argv):
     out = tmp_path / "out"
     result, printed = run(argv(inputs, out, "--max-degradation", "10", "--a-clip", "0.9", "--a8-layers", "2"))
     summary = result.summary
@@ -304,7 +291,7 @@ def test_a8_layers_raise_the_most_helped_layers_everywhere_and_gains_are_reused(
     assert again.summary["ppl_base"] == summary["ppl_base"]
 
 
-def test_an_interrupted_gain_measurement_resumes_to_the_same_gains(inputs, tmp_path, monkeypatch):
+def test_an_interrupted_gain_measurement_resumes_to_the_same_gains(inputs, tmp_path, monkeypatch, argv):
     real, measured = pipeline.measure_activation_gains, []
 
     def interrupted_after(count):

@@ -12,8 +12,11 @@ from typing import Any
 from rich.console import Console
 
 from asaf_fx._atomic import write_text_atomic
+from asaf_fx.calibration.calibrate import CalibrationConfig
+from asaf_fx.calibration.entries import MODES
 from asaf_fx.config import CLIP_SEARCH, QuantConfig
 from asaf_fx.passes.quantize.quantize_weights import WEIGHT_METHODS
+from asaf_fx.pipeline import DEFAULT_EVAL_WINDOWS, DEFAULT_SPARSITIES, RunConfig
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -100,6 +103,56 @@ def quant_config(args: argparse.Namespace, rotate: bool = True) -> QuantConfig:
     return QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, w_method=args.w_method,
                        w_group_size=args.group_size, a_clip=args.a_clip, rotate=rotate, seed=args.seed,
                        overrides=args.overrides)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and --out of the commands that run the pipeline (``run``, ``curve``)."""
+    parser.add_argument("--model", required=True, help="'smollm2', a transformers model directory or a .gguf file")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """The texts, windows, table levels, quantization, 8-bit layers, granularity, seed and z of a
+    :class:`RunConfig` (``run``, ``curve``); :func:`run_config` reads them back."""
+    parser.add_argument("--text", type=Path, help="calibration text; default: the WikiText-2 validation split")
+    parser.add_argument("--eval-text", type=Path, help="evaluation text; default: the WikiText-2 test split")
+    parser.add_argument("--eval-windows", type=int_at_least(0), default=DEFAULT_EVAL_WINDOWS,
+                        help=f"evaluation windows from the start of --eval-text; 0: every whole window, which "
+                        f"takes longer (default {DEFAULT_EVAL_WINDOWS})")
+    parser.add_argument("--seq-len", type=int_at_least(1), default=2048, help="evaluation window tokens (default 2048)")
+    parser.add_argument("--windows", type=int_at_least(1), default=8, help="calibration windows (default 8)")
+    parser.add_argument("--cal-seq-len", type=int_at_least(1), default=256,
+                        help="calibration window tokens (default 256)")
+    parser.add_argument("--sparsities", type=sparsity_list, default=DEFAULT_SPARSITIES,
+                        help=f"table levels, comma-separated, increasing (default "
+                             f"{','.join(map(str, DEFAULT_SPARSITIES))})")
+    parser.add_argument("--mode", choices=MODES, default="per-layer", help="calibration mode (default per-layer)")
+    parser.add_argument("--max-length", type=int_at_least(1), help="longest measured group in --mode groups")
+    add_quant_arguments(parser)
+    parser.add_argument("--a8-layers", type=int_at_least(0), default=0, metavar="K",
+                        help="raise the inputs of the K decoder layers that gain most from it (each layer measured "
+                             "on calibration text) from 4 to 8 bits; 0: none (default)")
+    parser.add_argument("--granularity", type=int_at_least(1), default=32, help="channels removed per block "
+                                                                                "(default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="window choice and rotations (default 0)")
+    parser.add_argument("--z", type=float, default=1.0,
+                        help="standard errors charged on top of each table entry's ξ (default 1)")
+
+
+def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace, **fields: Any) -> RunConfig:
+    """The RunConfig of :func:`add_pipeline_arguments`' options and ``fields`` (e.g. max_degradation);
+    an invalid combination is reported by ``parser.error``, naming the option."""
+    if (args.mode == "groups") != (args.max_length is not None):
+        parser.error("--max-length k goes with --mode groups, and --mode groups needs it")
+    try:
+        calibration = CalibrationConfig(mode=args.mode, max_length=args.max_length, sparsities=args.sparsities,
+                                        windows=args.windows, seq_len=args.cal_seq_len, seed=args.seed, metric="ppl",
+                                        granularity=args.granularity)
+        return RunConfig(text=args.text, eval_text=args.eval_text, eval_windows=args.eval_windows,
+                         seq_len=args.seq_len, a8_layers=args.a8_layers, z=args.z, quant=quant_config(args),
+                         calibration=calibration, **fields)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc).replace("max_degradation", "--max-degradation"))
 
 
 def run_cli(run: Callable[[], Any], console: Console, interrupted: str) -> int:

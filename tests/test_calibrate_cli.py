@@ -1,5 +1,6 @@
 """asaf_fx.calibrate and python -m asaf_fx calibrate on a tiny saved model: the table, resume, bad input."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from asaf_fx.calibration import calibrate as engine
 from asaf_fx.calibration.measure import DegradationMeter
 from asaf_fx.calibration.runner import progress_files
 from asaf_fx.cli import calibrate
+from asaf_fx.pipeline import default_quant
+from asaf_fx.solvers.problem import charged_degradation
 
 WORDS = ("the model reads a long text about rivers , hills and old towns ; each line adds a few more "
          "words so that the byte level windows have something to predict .").split()
@@ -64,8 +67,8 @@ def test_the_table_loads_solves_and_records_what_was_measured(groups_table):
     errors = table.stderr[table.measured]
     assert np.isfinite(errors).all() and (errors > 0).all()  # every measured ξ has its paired error
     assert np.isfinite(table.stderr[0, 3]).all()  # and an estimate gets the error of the singles it sums
-    plan = asaf_fx.solve(table, max_degradation=float(np.nanmax(table.degradation)) * 4, min_sparsity=0.1,
-                         max_sparsity=0.2)
+    charged = charged_degradation(table)  # ξ's running maximum plus one standard error: what solve spends
+    plan = asaf_fx.solve(table, max_degradation=float(np.nanmax(charged)) * 4, min_sparsity=0.1, max_sparsity=0.2)
     assert plan.num_layers == 4 and plan.flops < plan.dense_flops
 
 
@@ -187,7 +190,8 @@ def test_health_flags_a_noise_dominated_grid(groups_table):
 def test_the_python_api_measures_what_the_cli_measures(model_dir, text_file, groups_table):
     model, tokenizer = asaf_fx.load_model(str(model_dir))
     config = asaf_fx.CalibrationConfig(mode="groups", max_length=2, sparsities=(0.1, 0.2), windows=4, seq_len=32)
-    quant = asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn", a_clip="mse")
+    # the CLI's default quantization with the fixture's --w-method rtn --a-clip mse
+    quant = dataclasses.replace(default_quant(), w_method="rtn", a_clip="mse")
     table = asaf_fx.calibrate(model, quant, text_file, tokenizer=tokenizer, config=config, model_name=str(model_dir))
     cli = asaf_fx.SensitivityTable.load(groups_table)
     assert np.array_equal(table.degradation, cli.degradation, equal_nan=True)

@@ -157,7 +157,7 @@ def test_a_point_agrees_with_a_direct_compile_of_its_plan(more, inputs):
 
     model = AutoModelForCausalLM.from_pretrained(inputs["model"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(inputs["model"])
-    quant = asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn", a_clip=0.9)
+    quant = asaf_fx.QuantConfig.from_dict(result.curve["quant"])  # the CLI's defaults, with --w-method rtn
     compiled = asaf_fx.compile(model, plan, quant=quant, prune=asaf_fx.PruneConfig(granularity=32),
                                calibration=calibration_windows(tokenizer, inputs["text"], 4, 32, seed=0))
     totals = model_totals(compiled)

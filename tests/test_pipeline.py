@@ -211,7 +211,7 @@ def test_bad_inputs_name_the_problem(generous, inputs, tmp_path, capsys, argv):
         (argv(inputs, tmp_path / "d2", "--eval-windows", "0", "--seq-len", "100000"), "shorter than one window"),
         (argv({**inputs, "eval": inputs["text"]}, tmp_path / "e"), "both the calibration and the evaluation"),
         (argv(inputs, clash, "--seed", "1"), "other settings"),
-        (argv(inputs, tmp_path / "f", "--a8-layers", "5"), "only 4 decoder layers"),
+        (argv(inputs, tmp_path / "f", "--a-bits", "4", "--a8-layers", "5"), "only 4 decoder layers"),
         (argv(inputs, tmp_path / "g", "--a8-layers", "2", "--a-bits", "8"), "nothing to raise to 8 bits"),
     ]
     for args, message in cases:
@@ -270,7 +270,8 @@ def test_eval_windows_zero_evaluates_every_whole_window(inputs, tmp_path, argv):
 
 def test_a8_layers_raise_the_most_helped_layers_everywhere_and_gains_are_reused(inputs, tmp_path, argv):
     out = tmp_path / "out"
-    result, printed = run(argv(inputs, out, "--max-degradation", "10", "--a-clip", "0.9", "--a8-layers", "2"))
+    flags = ("--max-degradation", "10", "--a-bits", "4", "--a-clip", "0.9", "--a8-layers", "2")
+    result, printed = run(argv(inputs, out, *flags))
     summary = result.summary
     saved = json.loads((out / "activation_gains.json").read_text())
     assert summary["activation_bits"]["gains"] == saved["gains"] and len(saved["gains"]) == 4
@@ -285,7 +286,7 @@ def test_a8_layers_raise_the_most_helped_layers_everywhere_and_gains_are_reused(
             assert loaded.quant.for_linear(name).a_bits == (8 if name in raised else 4)
     assert asaf_fx.SensitivityTable.load(out / "table.safetensors").meta["quant"] == summary["quant"]
     assert f"8-bit inputs in {len(chosen)} of 4 layers" in printed
-    again, printed = run(argv(inputs, out, "--max-degradation", "10", "--a-clip", "0.9", "--a8-layers", "2"))
+    again, printed = run(argv(inputs, out, *flags))
     assert "reusing the measured activation gains" in printed and "reusing the finished table" in printed
     assert again.summary["activation_bits"] == summary["activation_bits"]
     assert again.summary["ppl_base"] == summary["ppl_base"]
@@ -304,7 +305,7 @@ def test_an_interrupted_gain_measurement_resumes_to_the_same_gains(inputs, tmp_p
             return real(*args, on_layer=on, **kwargs)
         return measure
 
-    flags = ("--max-degradation", "10", "--a-clip", "0.9", "--a8-layers", "2")
+    flags = ("--max-degradation", "10", "--a-bits", "4", "--a-clip", "0.9", "--a8-layers", "2")
     reference, _ = run(argv(inputs, tmp_path / "whole", *flags))
     measured.clear()
     monkeypatch.setattr(pipeline, "measure_activation_gains", interrupted_after(3))

@@ -16,7 +16,7 @@ from asaf_fx.calibration.calibrate import CalibrationConfig
 from asaf_fx.calibration.entries import MODES
 from asaf_fx.config import CLIP_SEARCH, QuantConfig
 from asaf_fx.passes.quantize.quantize_weights import WEIGHT_METHODS
-from asaf_fx.pipeline import DEFAULT_EVAL_WINDOWS, DEFAULT_SPARSITIES, RunConfig
+from asaf_fx.pipeline import DEFAULT_EVAL_WINDOWS, DEFAULT_SPARSITIES, RunConfig, default_quant
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -84,15 +84,17 @@ def overrides_json(value: str) -> dict[str, Any]:
 
 
 def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
-    """--w-bits, --a-bits, --kv-bits, --w-method, --group-size, --a-clip, --overrides (W4A4KV4 GPTQ by default)."""
-    parser.add_argument("--w-bits", type=int, default=4)
-    parser.add_argument("--a-bits", type=int, default=4)
-    parser.add_argument("--kv-bits", type=int, default=4)
-    parser.add_argument("--w-method", choices=tuple(WEIGHT_METHODS), default="gptq")
+    """--w-bits, --a-bits, --kv-bits, --w-method, --group-size, --a-clip, --overrides (the main job's
+    quantization, ``pipeline.default_quant()``, by default)."""
+    default = default_quant()
+    parser.add_argument("--w-bits", type=int, default=default.w_bits, help=f"default {default.w_bits}")
+    parser.add_argument("--a-bits", type=int, default=default.a_bits, help=f"default {default.a_bits}")
+    parser.add_argument("--kv-bits", type=int, default=default.kv_bits, help=f"default {default.kv_bits}")
+    parser.add_argument("--w-method", choices=tuple(WEIGHT_METHODS), default=default.w_method)
     parser.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
-    parser.add_argument("--a-clip", type=clip_ratio, default=0.9,
-                        help="activation clip ratio in (0, 1], or 'mse' to choose one per linear on the "
-                             "calibration data (default 0.9)")
+    parser.add_argument("--a-clip", type=clip_ratio, default=default.a_clip,
+                        help=f"activation clip ratio in (0, 1], or 'mse' to choose one per linear on the "
+                             f"calibration data (default {default.a_clip:g})")
     parser.add_argument("--overrides", type=overrides_json, default={},
                         help='per-linear settings by weight-name pattern, as JSON, e.g. '
                              '\'{"*.down_proj.weight": {"a_bits": 8}}\' (QuantConfig.overrides)')
@@ -131,7 +133,7 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     add_quant_arguments(parser)
     parser.add_argument("--a8-layers", type=int_at_least(0), default=0, metavar="K",
                         help="raise the inputs of the K decoder layers that gain most from it (each layer measured "
-                             "on calibration text) from 4 to 8 bits; 0: none (default)")
+                             "on calibration text) from 4 to 8 bits, with --a-bits 4; 0: none (default)")
     parser.add_argument("--granularity", type=int_at_least(1), default=32, help="channels removed per block "
                                                                                 "(default 32)")
     parser.add_argument("--seed", type=int, default=0, help="window choice and rotations (default 0)")

@@ -56,9 +56,10 @@ def default_quant() -> QuantConfig:
     """The main job's quantization: W4A8KV8, GPTQ weights, activations unclipped.
 
     On Hopper the 4-bit weights are read at the same speed whatever the activations' width (decode
-    streams the packed weights), and 4-bit activations' float8 GEMMs gain at most 1.5× on prefill;
-    on SmolLM2 W4A4KV4 costs 2.4× FP perplexity, W4A8 about 1.2× (docs/results.md). 8-bit
-    activations also make sensitivity tables precise enough for the budget.
+    streams the packed weights), and 4-bit activations' float8 GEMMs were 1.1–1.6× faster than
+    8-bit ones' int8 in prefill only (H200, BENCHMARKS.md); on SmolLM2 W4A4KV4 costs 2.46× FP
+    perplexity, W4A8KV8 1.13× (first 4 test windows, docs/results.md). 8-bit activations also
+    make a table entry's standard error 9× smaller.
     """
     return QuantConfig(w_bits=4, a_bits=8, kv_bits=8, w_method="gptq", a_clip=1.0)
 

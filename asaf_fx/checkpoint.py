@@ -42,7 +42,7 @@ from asaf_fx._atomic import atomic_path, sha256_file, write_text_atomic
 from asaf_fx.compiled_model import CompiledModel
 from asaf_fx.config import QuantConfig
 from asaf_fx.passes.graph_json import GraphFormatError, graph_from_json, graph_to_json
-from asaf_fx.passes.graph_utils import aten, get_tensor, is_op
+from asaf_fx.passes.graph_utils import aten, get_tensor, is_op, written_attrs
 from asaf_fx.passes.infra import propagate_shapes
 from asaf_fx.plan import Plan
 
@@ -71,23 +71,9 @@ class CheckpointInfo:
 # --- which tensors a graph reads ---
 
 
-def _mutated(gm: GraphModule) -> set[str]:
-    """Attributes the graph writes in place (the static KV cache): state, not weights."""
-    written = set()
-    for node in gm.graph.nodes:
-        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
-        first = node.args[0] if node.args else None
-        if schema is None or not schema.arguments or getattr(first, "op", None) != "get_attr":
-            continue
-        alias = schema.arguments[0].alias_info
-        if alias is not None and alias.is_write:
-            written.add(first.target)
-    return written
-
-
 def graph_tensors(gm: GraphModule) -> dict[str, torch.Tensor]:
     """Every tensor attribute the graph reads through a ``get_attr`` node, except mutated state."""
-    state = _mutated(gm)
+    state = {n.target for n in written_attrs(gm)}
     found = {}
     for node in gm.graph.find_nodes(op="get_attr"):
         if node.target in state or node.target in found:
@@ -185,7 +171,7 @@ def save(model: CompiledModel, path: str | os.PathLike, *, tokenizer=None, overw
                               "overwrite=True")
     graphs = _graphs(model)
     try:
-        described = {kind: graph_to_json(gm, _mutated(gm)) for kind, gm in graphs.items()}
+        described = {kind: graph_to_json(gm, {n.target for n in written_attrs(gm)}) for kind, gm in graphs.items()}
         json.dumps(described)
     except (GraphFormatError, TypeError, ValueError) as exc:
         raise CheckpointError(f"asaf_fx.save: the compiled graphs cannot be written as JSON ({exc})") from exc

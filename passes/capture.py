@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch.export import Dim
 from torch.fx import GraphModule
 
 from asaf_fx.passes.infra import META_KEY, propagate_shapes
+from asaf_fx.passes.repeat_layers import TRACED, decoder_stack, first_layers, repeat_last_layer
 
 
 class UnsupportedModelError(ValueError):
@@ -41,11 +43,11 @@ def check_model(model: object) -> None:
             "(no device_map='meta' / init_empty_weights) before compiling")
 
 
-def _record(gm: GraphModule, kind: str, example_inputs: tuple, model) -> GraphModule:
+def _record(gm: GraphModule, kind: str, example_inputs: tuple, model, traced_layers: int | None = None) -> GraphModule:
     config = getattr(model, "config", None)
     gm.meta[META_KEY] = {"kind": kind, "example_inputs": example_inputs,
                          "model_type": getattr(config, "model_type", None),
-                         "architecture": type(model).__name__}
+                         "architecture": type(model).__name__, "traced_layers": traced_layers}
     propagate_shapes(gm)
     return gm
 
@@ -67,6 +69,23 @@ def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes) 
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False).module()
 
 
+def _export_repeating(root: torch.nn.Module, model, export: Callable[[], GraphModule]) -> tuple[GraphModule, int]:
+    """``export()`` of ``root`` traced with its first decoder layers only, the rest repeated in the
+    graph (``repeat_layers``), or traced whole where the graph cannot prove that sound. Returns the
+    graph and how many layers were traced."""
+    num_layers = getattr(model.config, "num_hidden_layers", 0)
+    path = decoder_stack(root, num_layers)
+    if path is not None:
+        with first_layers(root, path, TRACED):
+            try:
+                gm = export()
+            except Exception:  # noqa: BLE001 — a model that cannot run cut short is traced whole below
+                gm = None
+        if gm is not None and repeat_last_layer(gm, root, num_layers):
+            return gm, TRACED
+    return export(), num_layers
+
+
 def capture_forward(model: torch.nn.Module, example_ids: torch.Tensor | None = None) -> GraphModule:
     """Full-sequence forward without cache; call the result as ``gm(input_ids, use_cache=False)``."""
     check_model(model)
@@ -76,9 +95,10 @@ def capture_forward(model: torch.nn.Module, example_ids: torch.Tensor | None = N
     # failing on them (named Dims must satisfy every guard over their whole range). On CUDA with GQA
     # (Llama-3-8B shapes, torch 2.11) SDPA's tracing adds `min(128·seq, 512·seq) == 128·seq`, which
     # export cannot prove for a named Dim; DYNAMIC still refuses to specialize a length to a constant.
-    gm = _export(model, (ids,), {"use_cache": False}, dynamic_shapes=({0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, None))
+    gm, traced = _export_repeating(model, model, lambda: _export(
+        model, (ids,), {"use_cache": False}, dynamic_shapes=({0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, None)))
     # Shapes are re-propagated on a small input: cheaper, and any length works (dynamic export).
-    return _record(gm, "forward", (ids[:1, :4], False), model)
+    return _record(gm, "forward", (ids[:1, :4], False), model, traced)
 
 
 def capture_decode(model: torch.nn.Module, max_cache_len: int = 256, batch_size: int = 1) -> GraphModule:
@@ -106,10 +126,11 @@ def capture_decode(model: torch.nn.Module, max_cache_len: int = 256, batch_size:
                                                             device=device)
             ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
             pos = torch.zeros(1, dtype=torch.long, device=device)
-            ep = wrapper.export(input_ids=ids, cache_position=pos, strict=False)
-            gm = ep.module()
+            # The recipe exports its inner module, the one the graph's attribute names start from.
+            gm, traced = _export_repeating(
+                wrapper.model, model, lambda: wrapper.export(input_ids=ids, cache_position=pos, strict=False).module())
     finally:
         model.generation_config = saved
     gm.meta["max_cache_len"] = max_cache_len
     gm.meta["decode_batch"] = batch_size
-    return _record(gm, "decode", (ids, pos), model)
+    return _record(gm, "decode", (ids, pos), model, traced)

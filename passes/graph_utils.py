@@ -150,6 +150,20 @@ def update_tensor(gm: GraphModule, node: Node, fn: Callable[[torch.Tensor], torc
     set_tensor(gm, node.target, new)
 
 
+def written_attrs(gm: GraphModule) -> set[Node]:
+    """The get_attr nodes some op writes in place: state (the static KV cache), not weights."""
+    written = set()
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None:
+            continue
+        for argument, value in zip(schema.arguments, node.args, strict=False):
+            if isinstance(value, Node) and value.op == "get_attr" and argument.alias_info is not None \
+                    and argument.alias_info.is_write:
+                written.add(value)
+    return written
+
+
 def storage_key(t: torch.Tensor) -> tuple[int, tuple[int, ...]]:
     """Identifies tensors that share memory (tied weights) even through different attributes."""
     return t.untyped_storage().data_ptr(), tuple(t.shape)

@@ -89,7 +89,7 @@ def layer_ends(gm: GraphModule) -> list[Node]:
     return chain[1::2]
 
 
-def _partitions(gm: GraphModule, ends: list[Node]) -> dict[Node, int]:
+def layer_partitions(gm: GraphModule, ends: list[Node]) -> dict[Node, int]:
     embeddings = [n for n in gm.graph.nodes if is_op(n, aten.embedding)]
     opens_next = set(ends) | set(embeddings)
     partition: dict[Node, int] = {}
@@ -109,7 +109,7 @@ def _partitions(gm: GraphModule, ends: list[Node]) -> dict[Node, int]:
 def split_decoder_layers(gm: GraphModule) -> LayerSplit:
     """Split ``gm`` (a captured forward graph) into prologue, decoder layers and epilogue."""
     ends = layer_ends(gm)
-    partition = _partitions(gm, ends)
+    partition = layer_partitions(gm, ends)
     expected = set(range(len(ends) + 2))
     found = set(partition.values())
     if found != expected:

@@ -80,10 +80,12 @@ def search_scales(
         return torch.where(blocks.abs().amax(dim=-1) > 0, peak / top, torch.ones_like(peak))
     best_scale = peak / top
     best_error = torch.full_like(peak, float("inf"))
+    work = torch.empty_like(blocks)  # one buffer rewritten in place: the search is memory-bound
     for clip in torch.linspace(1.0, min_clip, grid).tolist():
         scale = peak * clip / top
-        codes = torch.clamp(torch.round(blocks / scale[..., None]), -top - 1, top)
-        error = ((codes * scale[..., None] - blocks).abs() ** 2.4).sum(dim=-1)
+        torch.div(blocks, scale[..., None], out=work)
+        work.round_().clamp_(-top - 1, top).mul_(scale[..., None]).sub_(blocks).abs_().pow_(2.4)
+        error = work.sum(dim=-1)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_scale = torch.where(better, scale, best_scale)

@@ -152,7 +152,7 @@ def test_bad_inputs_name_the_problem(model_dir, text_file, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_xi_is_measured_on_windows_the_model_was_not_fitted_on(model_dir, text_file, tmp_path, monkeypatch):
+def test_xi_is_measured_on_windows_the_model_was_not_fitted_on(model_dir, text_file, tmp_path, monkeypatch, capsys):
     seen = {}
     real_build, real_meter = engine.build_calibration_model, engine.DegradationMeter
 
@@ -170,6 +170,8 @@ def test_xi_is_measured_on_windows_the_model_was_not_fitted_on(model_dir, text_f
     fit = {tuple(row.tolist()) for row in seen["fit"]}
     measured = {tuple(row.tolist()) for row in seen["measured"]}
     assert len(fit) == 4 and len(measured) == 4 and not fit & measured
+    err = " ".join(capsys.readouterr().err.split())
+    assert "of single-layer ξ are negative" in err and "nan" not in err  # one level: no steps to judge
 
 
 def test_health_flags_a_noise_dominated_grid(groups_table):

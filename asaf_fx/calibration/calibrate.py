@@ -371,9 +371,10 @@ def summary(console: Console, table: SensitivityTable, meter: DegradationMeter, 
         f"cost: {meter.layer_forwards} decoder-layer forwards × batch this run ({len(meter.batches)} batches); "
         f"base build {built:.0f} s, measuring {measured:.0f} s, total {total:.0f} s")
     check = table.meta["health"]
+    falls = check["falling_step_fraction"]
     console.print(f"{check['negative_fraction']:.0%} of single-layer ξ are negative (their summed size is "
-                  f"{check['negative_mass']:.2f} × that of the positive ones) and ξ falls in "
-                  f"{check['falling_step_fraction']:.0%} of steps to the next level"
+                  f"{check['negative_mass']:.2f} × that of the positive ones)"
+                  + ("" if math.isnan(falls) else f" and ξ falls in {falls:.0%} of steps to the next level")
                   + (": [bold red]the table looks noise-dominated[/bold red] and the solver would allocate on "
                      "noise (docs/results.md, 'Sensitivity tables')" if check["noisy"] else ""))
     if validation:

@@ -3,7 +3,9 @@
 Two graphs: ``capture_forward`` (whole sequences, no cache, dynamic batch and length: perplexity,
 prefill, scoring) and ``capture_decode`` (token steps writing a static KV cache held as buffers in
 the graph: greedy decoding). Each GraphModule records in ``gm.meta["asaf_fx"]`` its kind, the
-example inputs in placeholder order (for shape propagation) and the model config.
+example inputs in placeholder order (for shape propagation), the model config and how many decoder
+layers were traced: three where the others can be written as checked copies (``repeat_layers``),
+else all.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@
 # PARTS (default "exact kernels bench"; "profile" adds torch.profiler tables of 4 layers),
 # BENCH_S (seconds per variant, 150), DECODE_BATCH (default 1), SEQ (default "512 2048 4096"),
 # BATCH (default 4: batch 1 is a second inductor compilation of the prefill graph), KERNEL_M
-# (default "1 16 2048"), KERNELS_S (seconds for the table, 120).
+# (default "1 16 2048"), KERNEL_SHAPES (default "4096x11008 11008x4096"), KERNELS_S (seconds for the
+# table, 120), PROFILE_LAYERS (4), PROFILE_S (90).
 # Rehearsal without a GPU: PRESETS=tiny bash benchmarks/gpu_check.sh OUT (kernels print "no GPU").
 set -u
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
@@ -40,21 +41,22 @@ stamp() { echo "[$((SECONDS - start)) s] $*"; }
 
 if [[ " $parts " == *" exact "* ]]; then
     stamp "exactness (kernel tests on this device)"
-    timeout 90 $py -m pytest -q -x -p no:cacheprovider tests/kernels/test_gemm_routes.py \
+    timeout 90 $py -m pytest -q -x -p no:cacheprovider tests/kernels/test_gemm_routes.py tests/kernels/test_hadamard.py \
         >"$out/exact.log" 2>&1
     echo "exit $?"; tail -3 "$out/exact.log"
 fi
 if [[ " $parts " == *" kernels "* ]]; then
     stamp "kernel table"
     # shellcheck disable=SC2086
-    timeout "${KERNELS_S:-120}" $py benchmarks/kernels.py --m ${KERNEL_M:-1 16 2048} --out "$out/kernels.json" \
+    timeout "${KERNELS_S:-120}" $py benchmarks/kernels.py --m ${KERNEL_M:-1 16 2048} \
+        --shapes ${KERNEL_SHAPES:-4096x11008 11008x4096} --out "$out/kernels.json" \
         >"$out/kernels.log" 2>&1
     echo "exit $?"; cut -c1-400 "$out/kernels.log" | tail -25
 fi
 if [[ " $parts " == *" profile "* ]]; then  # not in the default parts: where the time of 4 layers goes
     for variant in $variants; do
-        stamp "profile $variant (4 layers)"
-        timeout "${PROFILE_S:-90}" $py benchmarks/kernel_profile.py --preset "${presets%% *}" --layers 4 \
+        stamp "profile $variant (${PROFILE_LAYERS:-4} layers)"
+        timeout "${PROFILE_S:-90}" $py benchmarks/kernel_profile.py --preset "${presets%% *}" --layers "${PROFILE_LAYERS:-4}" \
             --variant "$variant" >"$out/profile-$variant.log" 2>&1
         echo "exit $?"; grep -E "^prefill|^decode|Self CUDA time total|Self CPU time total|Error" "$out/profile-$variant.log"
     done

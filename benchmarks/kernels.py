@@ -11,8 +11,11 @@ INT4 weight (per-channel scales, fp16 output):
 * ``int8-a4`` / ``int8-a8``: widen + ``torch._int_mm`` + epilogue (``cublas.w4a8_int8_linear``);
 * ``gemv-a4`` / ``gemv-a16``: the weight-streaming decode kernel (M ≤ 16 only);
 * ``op-a4`` / ``op-a8`` / ``op-a16``: the ``torch.ops.asaf_fx`` op, i.e. whatever ``routes.py`` picks;
-* ``unpack``: the widening pass alone (int8), and ``rot+q``: the fused online Hadamard + 4-bit
-  quantization of the (M, K) input.
+* ``unpack``: the widening pass alone (int8); ``rot+q``: the fused online Hadamard + 4-bit
+  quantization of the (M, K) input, as the op runs it, and ``rot+q-bfly`` with the power-of-two
+  factor forced to butterflies (where the op uses two Walsh-Hadamard dots);
+* ``tinygemm-a16``: torch's ``_weight_int4pack_mm`` on the same codes (bfloat16 activations,
+  scales repeated per 128-group), the peer weight-streaming kernel (M ≤ 16 only).
 
 Exactness: with unit scales every integer path must reproduce ``x_q @ w_q.T`` exactly; the table's
 ``exact`` column says whether all did (a path that is not exact is named). Time: median of
@@ -39,11 +42,29 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="linear shapes as KxN (in x out)")
     p.add_argument("--m", nargs="+", type=int, default=DEFAULT_M, help="token counts M")
     p.add_argument("--rep", type=int, default=50, help="milliseconds per measurement (triton do_bench)")
+    p.add_argument("--triton-gemm", action="store_true",
+                   help="also time the portable Triton GEMM at M > 16 (no route takes it; autotuning takes minutes)")
     p.add_argument("--out", help="also write the rows as JSON here")
     return p.parse_args(argv)
 
 
-def _paths(m: int, k: int, x, q4, s4, q8, s8, w_packed, w_scale, w16, right):
+def _tinygemm(w_packed: torch.Tensor, w_scale: torch.Tensor, k: int, group: int = 128):
+    """The same codes in ``_weight_int4pack_mm``'s layout: (packed, scales_and_zeros).
+
+    Its dequantization is ``(u - 8) · scale + zero`` for unsigned nibbles u, so u = code + 8 and
+    zero 0 give code · scale; a per-channel scale is repeated for every group of ``group`` columns.
+    """
+    from asaf_fx.triton_kernels import int4
+
+    u = int4.unpack_int4(w_packed, k).to(torch.int32) + 8
+    packed = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8)
+    n = u.shape[0]
+    scale = w_scale.reshape(n, 1).float().expand(n, k // group).T
+    sz = torch.stack((scale, torch.zeros_like(scale)), dim=-1).to(torch.bfloat16).contiguous()
+    return torch._convert_weight_to_int4pack(packed, 8), sz
+
+
+def _paths(m: int, k: int, x, q4, s4, q8, s8, w_packed, w_scale, w16, right, triton_gemm, tiny):
     from asaf_fx.triton_kernels import cublas, gemm, gemv, hadamard, int4
 
     ops = torch.ops.asaf_fx
@@ -57,7 +78,9 @@ def _paths(m: int, k: int, x, q4, s4, q8, s8, w_packed, w_scale, w16, right):
         "unpack": lambda: int4.unpack_int4_to(w_packed, k, torch.int8),
         "rot+q": lambda: hadamard.rotate_quantize_triton(x, right, 4, 1.0),
     }
-    if m > gemv.MAX_M:  # the portable GEMM; no route takes it for fewer tokens, and autotuning it takes a minute
+    if hadamard.split_width(k)[0] >= hadamard.WALSH_DOT_MIN_POWER:
+        paths["rot+q-bfly"] = lambda: hadamard.rotate_quantize_triton(x, right, 4, 1.0, walsh_dots=False)
+    if m > gemv.MAX_M and triton_gemm:  # no route takes it for fewer tokens, and autotuning it takes minutes
         paths["triton-a4"] = lambda: gemm.w4a_int_linear_triton(q4, s4, w_packed, w_scale, None, k, half)
         paths["triton-a8"] = lambda: gemm.w4a_int_linear_triton(q8, s8, w_packed, w_scale, None, k, half)
     if cublas.int_mm_shape_ok(m, k, w_packed.shape[0]):
@@ -66,6 +89,9 @@ def _paths(m: int, k: int, x, q4, s4, q8, s8, w_packed, w_scale, w16, right):
     if m <= gemv.MAX_M:
         paths["gemv-a4"] = lambda: gemv.w4_gemv(q4, s4, w_packed, w_scale, None, k, half)
         paths["gemv-a16"] = lambda: gemv.w4_gemv(x, None, w_packed, w_scale, None, k, half)
+        if tiny is not None:
+            xb = x.to(torch.bfloat16)
+            paths["tinygemm-a16"] = lambda: torch._weight_int4pack_mm(xb, tiny[0], 128, tiny[1])
     return paths
 
 
@@ -124,13 +150,26 @@ def run(args: argparse.Namespace) -> list[dict]:
         w_packed, w_scale = q.packed(), q.scales
         _, m_odd = hadamard.split_width(k)
         right = torch.linalg.qr(torch.randn(m_odd, m_odd, dtype=torch.float64))[0].to(dev)
+        try:
+            tiny = _tinygemm(w_packed, w_scale, k)
+        except Exception as exc:  # noqa: BLE001  a torch without it (or refusing the shape) loses one column
+            tiny = None
+            print(f"  {shape}: _weight_int4pack_mm unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
         for m in args.m:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             q4, s4 = quantize.quantize_per_token_triton(x, 4, 1.0)
             q8, s8 = quantize.quantize_per_token_triton(x, 8, 1.0)
             wrong = _exactness(min(m, 64), k, n, dev)
             times = {}
-            for name, fn in _paths(m, k, x, q4, s4, q8, s8, w_packed, w_scale, w16, right).items():
+            paths = _paths(m, k, x, q4, s4, q8, s8, w_packed, w_scale, w16, right, args.triton_gemm, tiny)
+            if "tinygemm-a16" in paths:  # bfloat16 math: report its error against the fp16 GEMV, not exactness
+                try:
+                    ref = paths["gemv-a16"]().float()
+                    err = (paths["tinygemm-a16"]().float() - ref).abs().max().item() / ref.abs().max().item()
+                    print(f"  {shape} M={m} tinygemm-a16 vs gemv-a16: max error {err:.2e} of the largest output")
+                except Exception as exc:  # noqa: BLE001  timed below, where a failure is reported too
+                    print(f"  {shape} M={m} tinygemm-a16: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            for name, fn in paths.items():
                 try:
                     fn()  # autotuning and first-call choices happen here, outside the graph
                     torch.cuda.synchronize()
@@ -141,7 +180,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     times[name] = None
                     print(f"  {shape} M={m} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             flops = 2.0 * m * n * k
-            gemms = {p: t for p, t in times.items() if t and p not in ("unpack", "rot+q")}
+            gemms = {p: t for p, t in times.items() if t and p not in ("unpack", "rot+q", "rot+q-bfly")}
             row = {"shape": shape, "m": m, "ms": times, "exact": not wrong, "not_exact": wrong,
                    "tflops": {p: flops / (t * 1e-3) / 1e12 for p, t in gemms.items()},
                    "x_fp16": {p: times["fp16"] / t for p, t in gemms.items()}}

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check in one command, about 6 minutes on one H200 with the defaults:
+# The GPU check in one command, about 9 minutes on one H200 with the defaults:
 #   1. exactness of every GEMM path against the reference op, on the GPU (kernel tests);
 #   2. the kernel table (benchmarks/kernels.py: each path at M = 1, 16, 2048 for 4096→11008 and
 #      11008→4096, CUDA-graph timings);
 #   3. the model bench, all 32 decoder layers of Llama-2-7B shapes, one process per variant, so that
 #      one failure or time-out costs only its own cell.
-# Measured on an H200 (BENCHMARKS.md): a 32-layer variant takes 20-35 s of asaf_fx.compile and
-# 100-120 s in all (inductor's first calls included); every extra decode batch is one more compile.
+# Measured on an H200 (BENCHMARKS.md): the kernel tests about 100 s; a 32-layer variant takes
+# 10-30 s of asaf_fx.compile and 100-160 s in all (inductor's first calls included); every extra
+# decode batch is one more compile.
 # The full grid (both presets, five variants, decode batch 1 and 16) therefore needs about four
 # such calls: run it with the knobs below, one preset or a few variants per call.
 # Runs from a checkout with the machine's own torch/triton/transformers; when asaf_fx is not
@@ -41,7 +42,7 @@ stamp() { echo "[$((SECONDS - start)) s] $*"; }
 
 if [[ " $parts " == *" exact "* ]]; then
     stamp "exactness (kernel tests on this device)"
-    timeout 90 $py -m pytest -q -x -p no:cacheprovider tests/kernels/test_gemm_routes.py tests/kernels/test_hadamard.py \
+    timeout 180 $py -m pytest -q -x -p no:cacheprovider tests/kernels/test_gemm_routes.py tests/kernels/test_hadamard.py \
         >"$out/exact.log" 2>&1
     echo "exit $?"; tail -3 "$out/exact.log"
 fi

@@ -11,9 +11,8 @@ INT4 weight (per-channel scales, fp16 output):
 * ``int8-a4`` / ``int8-a8``: widen + ``torch._int_mm`` + epilogue (``cublas.w4a8_int8_linear``);
 * ``gemv-a4`` / ``gemv-a16``: the weight-streaming decode kernel (M ≤ 16 only);
 * ``op-a4`` / ``op-a8`` / ``op-a16``: the ``torch.ops.asaf_fx`` op, i.e. whatever ``routes.py`` picks;
-* ``unpack``: the widening pass alone (int8); ``rot+q``: the fused online Hadamard + 4-bit
-  quantization of the (M, K) input, as the op runs it, and ``rot+q-bfly`` with the power-of-two
-  factor forced to butterflies (where the op uses two Walsh-Hadamard dots);
+* ``unpack``: the widening pass alone (int8), and ``rot+q``: the fused online Hadamard + 4-bit
+  quantization of the (M, K) input;
 * ``tinygemm-a16``: torch's ``_weight_int4pack_mm`` on the same codes (bfloat16 activations,
   scales repeated per 128-group), the peer weight-streaming kernel (M ≤ 16 only).
 
@@ -78,8 +77,6 @@ def _paths(m: int, k: int, x, q4, s4, q8, s8, w_packed, w_scale, w16, right, tri
         "unpack": lambda: int4.unpack_int4_to(w_packed, k, torch.int8),
         "rot+q": lambda: hadamard.rotate_quantize_triton(x, right, 4, 1.0),
     }
-    if hadamard.split_width(k)[0] >= hadamard.WALSH_DOT_MIN_POWER:
-        paths["rot+q-bfly"] = lambda: hadamard.rotate_quantize_triton(x, right, 4, 1.0, walsh_dots=False)
     if m > gemv.MAX_M and triton_gemm:  # no route takes it for fewer tokens, and autotuning it takes minutes
         paths["triton-a4"] = lambda: gemm.w4a_int_linear_triton(q4, s4, w_packed, w_scale, None, k, half)
         paths["triton-a8"] = lambda: gemm.w4a_int_linear_triton(q8, s8, w_packed, w_scale, None, k, half)
@@ -180,7 +177,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     times[name] = None
                     print(f"  {shape} M={m} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             flops = 2.0 * m * n * k
-            gemms = {p: t for p, t in times.items() if t and p not in ("unpack", "rot+q", "rot+q-bfly")}
+            gemms = {p: t for p, t in times.items() if t and p not in ("unpack", "rot+q")}
             row = {"shape": shape, "m": m, "ms": times, "exact": not wrong, "not_exact": wrong,
                    "tflops": {p: flops / (t * 1e-3) / 1e12 for p, t in gemms.items()},
                    "x_fp16": {p: times["fp16"] / t for p, t in gemms.items()}}

@@ -16,7 +16,9 @@ per program) and applies the dense factor as one float32-accurate tensor-core do
 at least 16 × 16 (3×TF32 on a GPU), else as m rank-1 updates; its cost per row is about
 2^k · next_pow2(m)² multiply-adds. Widths with a small odd factor are cheap (Llama: 4096 = 2^12,
 14336 = 2^11·7, 11008 = 2^8·43); pruned widths should keep m small (e.g. round to a multiple of 64
-or 128), since a width like 8 · 1125 makes the dense factor dominate.
+or 128), since a width like 8 · 1125 makes the dense factor dominate. (The power-of-two factor as
+two tensor-core dots, H_2^k = H_a ⊗ H_b, was measured 1.3× slower at 11008 and 7× at 4096 on an
+H200: BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -112,14 +114,12 @@ def rotate_quantize_torch(
 @triton.jit
 def _rotate_kernel(
     # pointers
-    x_ptr, right_ptr, h_ptr, out_ptr, scale_ptr,
+    x_ptr, right_ptr, out_ptr, scale_ptr,
     # sizes, strides (rows are contiguous) and scalars
     rows, stride_x, stride_out, inv_sqrt, clip_ratio,
-    # meta-parameters: width n = POWER * M_ODD, MP = next power of two ≥ M_ODD, BR rows per program;
-    # H1 > 1: the Walsh-Hadamard factor as two dots, POWER = H1 * H2 (else butterflies)
+    # meta-parameters: width n = POWER * M_ODD, MP = next power of two ≥ M_ODD, BR rows per program
     M_ODD: tl.constexpr, POWER: tl.constexpr, LOG2P: tl.constexpr, MP: tl.constexpr, BR: tl.constexpr,
     QUANTIZE: tl.constexpr, QMAX: tl.constexpr, DENSE_DOT: tl.constexpr, EXACT_DOT: tl.constexpr,
-    H1: tl.constexpr, H2: tl.constexpr,
 ):
     # BR rows per program, each viewed as a (POWER, M_ODD) matrix Y: the rotation is H · Y · right.
     # Narrow rows (a 128-wide attention head) come many to a program, so a program has work.
@@ -151,83 +151,32 @@ def _rotate_kernel(
                 rj = tl.load(right_ptr + j * M_ODD + c, mask=cmask, other=0.0)
                 acc += yj * rj
             y = acc
-    if H1 > 1:
-        # BR == 1: H_POWER = H_H1 ⊗ H_H2 (Sylvester order: index a·H2 + b), applied as two
-        # tensor-core dots with exact ±1 matrices, contracting a and then b. The result comes out
-        # as (b, a, column); the store puts every value back at a·H2 + b.
-        ha = tl.arange(0, H1)
-        h1 = tl.load(h_ptr + ha[:, None] * H1 + ha[None, :])
-        hb = tl.arange(0, H2)
-        h2 = tl.load(h_ptr + H1 * H1 + hb[:, None] * H2 + hb[None, :])
-        y2 = tl.reshape(y, (H1, H2 * MP))
-        if EXACT_DOT:
-            y2 = tl.dot(h1, y2, input_precision="ieee")
-        else:
-            y2 = tl.dot(h1, y2, input_precision="tf32x3")
-        y2 = tl.reshape(tl.permute(tl.reshape(y2, (H1, H2, MP)), (1, 0, 2)), (H2, H1 * MP))
-        if EXACT_DOT:
-            y2 = tl.dot(h2, y2, input_precision="ieee")
-        else:
-            y2 = tl.dot(h2, y2, input_precision="tf32x3")
-        y = tl.reshape(y2, (H2, H1, MP)) * inv_sqrt
-        pa = tl.arange(0, H1)[None, :, None]
-        pb = tl.arange(0, H2)[:, None, None]
-        cc = tl.arange(0, MP)[None, None, :]
-        offs = tl.program_id(0).to(tl.int64) * stride_out + (pa * H2 + pb) * M_ODD + cc
-        mask = tl.broadcast_to(cc < M_ODD, (H2, H1, MP))
-    else:
-        # Walsh-Hadamard butterfly along the POWER axis. Each stage splits off the lowest index bit
-        # (pairs 2r, 2r + 1 → a + b, a - b) and moves it to the top, a cyclic rotation of the index
-        # bits; after LOG2P stages every bit was processed once and the order is back to normal.
-        # Stage i thus handles original bit i, in the reference's order, so power-of-two widths
-        # match it bit for bit. (A tl.gather of partners compiles super-linearly in POWER: ptxas
-        # ran out of memory at 4096.)
-        for _ in tl.static_range(LOG2P):
-            pairs = tl.permute(tl.reshape(y, (BR, POWER // 2, 2, MP)), (0, 1, 3, 2))
-            a, b = tl.split(pairs)
-            y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 3, 1, 2)), (BR, POWER, MP))
-        y = y * inv_sqrt
-        offs = r * stride_out + p * M_ODD + c
-        mask = tl.broadcast_to(rmask & cmask, (BR, POWER, MP))
-    # Both orders flattened to one (rows, values) tile: the quantization is per row.
-    y = tl.reshape(y, (BR, POWER * MP))
-    offs = tl.reshape(offs, (BR, POWER * MP))
-    mask = tl.reshape(mask, (BR, POWER * MP))
+    # Walsh-Hadamard butterfly along the POWER axis. Each stage splits off the lowest index bit
+    # (pairs 2r, 2r + 1 → a + b, a - b) and moves it to the top, a cyclic rotation of the index
+    # bits; after LOG2P stages every bit was processed once and the order is back to normal.
+    # Stage i thus handles original bit i, in the reference's order, so power-of-two widths match
+    # it bit for bit. (A tl.gather of partners compiles super-linearly in POWER: ptxas ran out of
+    # memory at 4096.)
+    for _ in tl.static_range(LOG2P):
+        pairs = tl.permute(tl.reshape(y, (BR, POWER // 2, 2, MP)), (0, 1, 3, 2))
+        a, b = tl.split(pairs)
+        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 3, 1, 2)), (BR, POWER, MP))
+    y = y * inv_sqrt
+    offs = r * stride_out + p * M_ODD + c
     if QUANTIZE:
-        amax = tl.max(tl.abs(y), axis=1)
+        amax = tl.max(tl.max(tl.abs(y), axis=2, keep_dims=True), axis=1, keep_dims=True)
         scale = tl.math.div_rn(amax * clip_ratio, QMAX * 1.0)
         safe = tl.where(scale > 0.0, scale, 1.0)
-        q = round_half_even(tl.math.div_rn(y, safe[:, None]))
+        q = round_half_even(tl.math.div_rn(y, safe))
         q = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0)
-        tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
-        row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-        tl.store(scale_ptr + row, scale, mask=row < rows)
+        tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=rmask & cmask)
+        tl.store(scale_ptr + r, scale, mask=rmask)
     else:
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-# Single-row programs of at least this power of two apply it as two dots (``_walsh_pair``) instead
-# of LOG2P butterfly stages; None in ``_launch_rotate`` means this rule, a bool forces one way.
-WALSH_DOT_MIN_POWER = 256
-_WALSH_PAIRS: dict[tuple[int, int, str], torch.Tensor] = {}
-
-
-def _walsh_pair(power: int, device: torch.device) -> tuple[int, int, torch.Tensor]:
-    """(H1, H2, buffer) with H_power = H_H1 ⊗ H_H2, H1 ≤ H2, both ±1 matrices in one float32 buffer.
-
-    Cached per device: built once, before any CUDA-graph capture replays the kernel.
-    """
-    h1 = 1 << ((power.bit_length() - 1) // 2)
-    h2 = power // h1
-    key = (h1, h2, str(device))
-    if key not in _WALSH_PAIRS:
-        _WALSH_PAIRS[key] = torch.cat((sylvester_hadamard(h1).reshape(-1), sylvester_hadamard(h2).reshape(-1))).to(
-            device=device, dtype=torch.float32)
-    return h1, h2, _WALSH_PAIRS[key]
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=rmask & cmask)
 
 
 def _launch_rotate(x: torch.Tensor, right: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None,
-                   bits: int, clip_ratio: float, walsh_dots: bool | None = None) -> None:
+                   bits: int, clip_ratio: float) -> None:
     n = x.shape[-1]
     power, m = split_width(n)
     if right.shape != (m, m):
@@ -239,17 +188,12 @@ def _launch_rotate(x: torch.Tensor, right: torch.Tensor, out: torch.Tensor, scal
     mp = next_pow2(m)
     br = max(1, min(64, 2048 // (power * mp)))
     dense_dot = br == 1 and m > 1 and mp >= 16 and power >= 16  # tl.dot needs 16-wide tiles
-    if walsh_dots is None:
-        walsh_dots = br == 1 and power >= WALSH_DOT_MIN_POWER
-    if walsh_dots and (br != 1 or power < 256):
-        raise ValueError(f"the two-dot Walsh-Hadamard needs one row per program and a power ≥ 256, got width {n}")
-    h1, h2, h = _walsh_pair(power, x.device) if walsh_dots else (1, 1, right)
     _rotate_kernel[(triton.cdiv(rows, br),)](
-        x2, right.to(device=x.device, dtype=torch.float32).contiguous(), h, out, scale if scale is not None else out,
+        x2, right.to(device=x.device, dtype=torch.float32).contiguous(), out, scale if scale is not None else out,
         rows, x2.stride(0), n, 1.0 / math.sqrt(power), float(clip_ratio),
         M_ODD=m, POWER=power, LOG2P=power.bit_length() - 1, MP=mp, BR=br,
         QUANTIZE=scale is not None, QMAX=2 ** (bits - 1) - 1, DENSE_DOT=dense_dot, EXACT_DOT=interpreting(),
-        H1=h1, H2=h2, num_warps=8 if br * power * mp >= 8192 else 4,
+        num_warps=8 if br * power * mp >= 8192 else 4,
     )
 
 
@@ -268,14 +212,12 @@ def hadamard_rotate_triton(x: torch.Tensor, right: torch.Tensor) -> torch.Tensor
 
 
 def rotate_quantize_triton(
-    x: torch.Tensor, right: torch.Tensor, bits: int, clip_ratio: float, walsh_dots: bool | None = None
+    x: torch.Tensor, right: torch.Tensor, bits: int, clip_ratio: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused Triton kernel for :func:`rotate_quantize_torch`: one read of x, one int8 write.
-
-    ``walsh_dots`` forces the power-of-two factor's form (benchmarks); None takes the default rule."""
+    """Fused Triton kernel for :func:`rotate_quantize_torch`: one read of x, one int8 write."""
     check_act_quant_args(x, bits, clip_ratio)
     x = x.contiguous()
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    _launch_rotate(x, right, q, scale, bits, clip_ratio, walsh_dots)
+    _launch_rotate(x, right, q, scale, bits, clip_ratio)
     return q, scale

@@ -52,33 +52,6 @@ def test_rotation_equals_dense_matrix(device):
                                rtol=1e-5, atol=1e-5)
 
 
-# Single-row widths whose power-of-two factor (≥ 256) runs as two Walsh-Hadamard dots:
-# 2^12 alone, 512 · 5 (rank-1 odd factor), 256 · 43 (Llama-2's 11008, dense odd factor).
-WALSH_DOT_WIDTHS = [4096, 2560, 11008]
-
-
-@pytest.mark.parametrize("n", WALSH_DOT_WIDTHS)
-def test_walsh_dots_match_butterflies(device, n, assert_float_close):
-    right = _right(hadamard.split_width(n)[1], device)
-    x = torch.randn(3, n, device=device) * 4
-    x[2] = 0.0
-    ref = hadamard.hadamard_rotate_torch(x, right)
-    assert_float_close(hadamard.hadamard_rotate_triton(x, right), ref, rtol=1e-6)
-    q_ref, s_ref = hadamard.rotate_quantize_torch(x, right, 4, 1.0)
-    for walsh_dots in (True, False):
-        q, s = hadamard.rotate_quantize_triton(x, right, 4, 1.0, walsh_dots=walsh_dots)
-        assert_float_close(s, s_ref, rtol=1e-6)
-        diff = (q.int() - q_ref.int()).abs()
-        assert diff.max() <= 1 and diff.float().mean() < 0.01
-        assert torch.equal(q[2], torch.zeros_like(q[2])) and s[2] == 0
-
-
-def test_walsh_dots_refuse_narrow_rows(device):
-    x = torch.randn(2, 96, device=device)
-    with pytest.raises(ValueError, match="power ≥ 256"):
-        hadamard.rotate_quantize_triton(x, _right(3, device), 4, 1.0, walsh_dots=True)
-
-
 @pytest.mark.parametrize("n", WIDTHS)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_rotate_quantize_matches_reference(device, n, bits, assert_float_close):

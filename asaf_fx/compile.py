@@ -164,8 +164,8 @@ def rewrite(graphs: list[GraphModule], model, quant: QuantConfig,
         each(lambda: [PruneMlpChannels(chosen)])
     each(lambda: online_passes(quant) + ([QuantizeKV(quant.kv_bits)] if quant.kv_bits < 16 else []))
     if quant.quantizes:
-        lowered = lowerings(forward)
-        each(lambda: [LowerLinears(lowered)])
+        lower = LowerLinears(lowerings(forward))  # one pass object: the graphs share its stacked weights
+        each(lambda: [lower])
     for gm in graphs[1:]:
         share_weights(forward, gm, check_values=False)
     for gm in graphs:  # e.g. a tied embedding's original, which export leaves behind a dead node

@@ -38,7 +38,8 @@ INT4_LINEARS = (torch.ops.asaf_fx.w4a16_linear, torch.ops.asaf_fx.w4a_int_linear
 class LinearInfo:
     """One linear as the graph runs it, measured from the tensors it reads."""
 
-    weight: str  # the weight's name as captured ("model.layers.0.mlp.down_proj.weight")
+    weight: str  # the weight's name as captured ("model.layers.0.mlp.down_proj.weight"); stacked
+    # weights (one call for q/k/v or gate/up) are named together: "model.layers.0.mlp.gate_proj+up_proj.weight"
     out_features: int
     in_features: int
     w_bits: int | None  # 4 for packed INT4; None for a float weight (8-bit weights are stored dequantized)
@@ -103,8 +104,9 @@ def linear_info(gm: GraphModule, node: Node) -> LinearInfo | None:
     if is_op(node, *INT4_LINEARS):
         int_input = is_op(node, torch.ops.asaf_fx.w4a_int_linear)
         packed, scales, bias = node.args[2:5] if int_input else node.args[1:4]
+        tag = node.meta.get("asaf_fx", {})
         return LinearInfo(
-            node.meta.get("asaf_fx", {}).get("weight", packed.target),
+            _stacked_name(tag["stacked_weights"]) if "stacked_weights" in tag else tag.get("weight", packed.target),
             int(get_tensor(gm, packed).shape[0]),
             int(node.args[0].meta["val"].shape[-1]),
             4,
@@ -112,6 +114,12 @@ def linear_info(gm: GraphModule, node: Node) -> LinearInfo | None:
             _bytes(gm, packed) + _bytes(gm, scales) + _bytes(gm, bias),
         )
     return None
+
+
+def _stacked_name(weights: list[str]) -> str:
+    """"a.q_proj.weight", "a.k_proj.weight" -> "a.q_proj+k_proj.weight"."""
+    parents = [w.rsplit(".", 2) for w in weights]
+    return f"{parents[0][0]}.{'+'.join(p[1] for p in parents)}.weight"
 
 
 def _graph_of(obj) -> GraphModule:
@@ -193,7 +201,7 @@ def _bits(lin: LinearInfo) -> str:
 def _linear_name(weight: str) -> str:
     # Display only: "model.layers.0.self_attn.q_proj.weight" -> "q" (the shape says the rest).
     parts = weight.split(".")
-    return (parts[-2] if len(parts) > 1 else weight).removesuffix("_proj")
+    return "+".join(p.removesuffix("_proj") for p in (parts[-2] if len(parts) > 1 else weight).split("+"))
 
 
 def _runs(gm: GraphModule, infos: list[LayerInfo]) -> list[tuple[str, list[LayerInfo], tuple[str, ...]]]:

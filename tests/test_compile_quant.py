@@ -27,7 +27,7 @@ def test_w8a8kv8_stays_close_and_w4a4kv4_does_not_break(tiny_models, tiny_ids, w
 def test_decode_graph_shares_the_forward_graphs_weights_and_agrees_with_it(w4a4, tiny_ids):
     forward = {id(t) for t in list(w4a4.forward_graph.parameters()) + list(w4a4.forward_graph.buffers())}
     int4 = [t for name, t in w4a4.decode_graph.named_buffers() if name.endswith("_int4")]
-    assert len(int4) == 14 and all(id(t) in forward for t in int4)
+    assert len(int4) == 2 * 4 and all(id(t) in forward for t in int4)  # q/k/v and gate/up stacked
     out = w4a4.generate(tiny_ids[:1, :4], max_new_tokens=4)
     for step in range(4, 8):  # the KV cache quantizes exactly as the full-sequence graph does
         assert w4a4(out[:, :step]).logits[0, -1].argmax() == out[0, step]
@@ -49,7 +49,8 @@ def test_overrides_by_weight_name(tiny_models):
                                                        "*.down_proj.weight": {"a_bits": 4}})
     cm = asaf_fx.compile(tiny_models["llama"], quant=quant, decode=False)
     infos = {i.name: i for i in layers(cm.forward_graph)}
-    first = {lin.weight.split(".")[-2]: (lin.w_bits, lin.a_bits) for lin in infos["0"].linears}
+    first = {name: (lin.w_bits, lin.a_bits)
+             for lin in infos["0"].linears for name in lin.weight.split(".")[-2].split("+")}
     assert first == {"q_proj": (4, 8), "k_proj": (4, 8), "v_proj": (4, 8), "o_proj": (4, 8),
                      "gate_proj": (4, 8), "up_proj": (4, 8), "down_proj": (4, 4)}
     assert {(lin.w_bits, lin.a_bits) for lin in infos["1"].linears} == {(None, 16)}  # 8-bit weights stay float

@@ -68,8 +68,8 @@ def test_differing_layers_keep_their_own_rows(pruned_w4a4):
     assert [row[:2] for row in rows] == [["0", "W4A4"], ["1", "W4A4"]]
     assert rows[0][-5:] == ["160/160", "48", "48", "96", "160"]
     assert rows[1][-5:] == [f"{pruned['kept']}/160", "48", "48", "96", str(pruned["kept"])]
-    assert "0: q 96×96, k 48×96, v 48×96, o 96×96, gate 160×96, up 160×96, down 96×160" in text
-    assert f"1: q 96×96, k 48×96, v 48×96, o 96×96, gate {pruned['kept']}×96" in text
+    assert "0: q+k+v 192×96, o 96×96, gate+up 320×96, down 96×160" in text  # stacked calls, one row each
+    assert f"1: q+k+v 192×96, o 96×96, gate+up {2 * pruned['kept']}×96, down 96×{pruned['kept']}" in text
     assert "head: lm_head 256×96" in text and "total" in text and "FLOP ratio" in text
 
 
@@ -104,11 +104,12 @@ def test_one_layer_node_table(pruned_w4a4):
     assert header == ["node", "op", "shape", "inputs"]
     assert len(info.nodes) == len(layers(pruned_w4a4.forward_graph)[2].nodes)
     linears = [n for n in info.nodes if "w4a_int_linear" in n.name]
-    assert len(linears) == 7 and text.count(" w4a_int_linear ") == 7
+    assert len(linears) == 4 and text.count(" w4a_int_linear ") == 4  # q/k/v and gate/up stacked
     for node in linears:  # each row: short name, op, output shape, inputs (the packed weight named briefly)
         shape = "×".join(map(str, node.meta["val"].shape))
         assert f"{node.name.replace('_default', '')}  " in text and f" {shape} " in text
-    assert "hadamard_rotate" in text and "scaled_dot_product_attention" in text and "q_proj_int4" in text
+    assert "hadamard_rotate" in text and "scaled_dot_product_attention" in text and "o_proj_int4" in text
+    assert "q_proj_stack3_int4" in text and "slice" in text
 
 
 def test_table_on_a_captured_graph_shows_unfolded_norms(captured):

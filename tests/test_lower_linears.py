@@ -8,7 +8,7 @@ import torch
 import asaf_fx
 from asaf_fx.compile import rotation_passes
 from asaf_fx.config import QuantConfig
-from asaf_fx.passes.graph_utils import count_op, get_tensor
+from asaf_fx.passes.graph_utils import count_op, get_tensor, is_op
 from asaf_fx.passes.infra import PassManager, PatternError
 from asaf_fx.passes.lower.lower_linears import LinearLowering, LowerLinears
 from asaf_fx.passes.quantize.rtn import quantize_rtn
@@ -38,7 +38,7 @@ def test_int4_kernels_compute_what_the_simulation_computes(captured, tiny_ids, h
     assert count_op(gm, torch.ops.aten.linear.default) == 1  # lm_head stays a float linear
     assert count_op(simulated, torch.ops.aten.linear.default) == 15
     kernel = ops.w4a16_linear.default if a_bits == 16 else ops.w4a_int_linear.default
-    assert count_op(gm, kernel) == 14
+    assert count_op(gm, kernel) == 2 * 4  # per layer: q/k/v stacked, o, gate/up stacked, down
     out, ref = gm(tiny_ids, use_cache=False).logits, simulated(tiny_ids, use_cache=False).logits
     assert h.rel_err(out, ref) < 1e-4
 
@@ -50,6 +50,48 @@ def test_quantization_is_shared_and_fused(captured):
     assert count_op(gm, ops.quantize_per_token.default) == 2 * 2
     assert count_op(gm, ops.hadamard_rotate_quantize.default) == 2 * 2
     assert not any(name.endswith("proj.weight") for name, _ in gm.named_parameters())  # float copies freed
+
+
+def _stacks(gm):
+    return [n.meta["asaf_fx"].get("stacked_weights") for n in gm.graph.nodes if is_op(n, ops.w4a_int_linear)]
+
+
+def test_linears_reading_one_input_with_one_setting_are_stacked(captured):
+    gm = _rotated(captured, "llama")
+    names = [n.args[1].target for layer in decoder_linears(gm) for n in layer]
+    lows = [LinearLowering.make(w, 8 if name.endswith("k_proj.weight") else 4) for w, name in zip(_weights(gm), names)]
+    PassManager([LowerLinears(lows)])(gm)
+    short = [None if s is None else [n.split(".")[-2] for n in s] for s in _stacks(gm)]
+    # k_proj's 8-bit input is another setting: it stays alone, q and v share one call
+    assert short == [["q_proj", "v_proj"], None, None, ["gate_proj", "up_proj"], None] * 2
+    slices = [n for n in gm.graph.nodes if "stack_slice" in n.meta.get("asaf_fx", {})]
+    widths = [n.args[3] - n.args[2] for n in slices]
+    assert widths == [96, 48, 160, 160] * 2  # q (96), v (48); gate and up (160 each)
+
+
+def test_stacked_outputs_equal_separate_calls_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    k = 96
+    x_q = torch.randint(-8, 8, (5, k), dtype=torch.int8, generator=g)
+    x_scale = torch.rand(5, generator=g) + 0.1
+    parts = [quantize_rtn(torch.randn(n, k, generator=g), 4) for n in (64, 32, 48)]
+    packed = [ops.pack_int4(w.codes) for w in parts]
+    separate = torch.cat([ops.w4a_int_linear(x_q, x_scale, p, w.scales, None, k, torch.float32, 4)
+                          for p, w in zip(packed, parts)], dim=-1)
+    stacked = ops.w4a_int_linear(x_q, x_scale, torch.cat(packed), torch.cat([w.scales for w in parts]), None, k,
+                                 torch.float32, 4)
+    assert torch.equal(stacked, separate)
+
+
+def test_graphs_lowered_by_one_pass_share_stacked_weights(captured):
+    first, second = _rotated(captured, "llama"), _rotated(captured, "llama")
+    lower = LowerLinears([LinearLowering.make(w, 4) for w in _weights(first)])
+    PassManager([lower])(first)
+    PassManager([lower])(second)
+    stacked = [n for n in first.graph.find_nodes(op="get_attr") if "_stack" in n.target]
+    assert len(stacked) == 2 * 2 * 2  # codes and scales of q/k/v and gate/up, two layers
+    for node in stacked:
+        assert get_tensor(first, node) is get_tensor(second, node)
 
 
 def test_lowering_checks_its_inputs(captured):

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from asaf_fx.triton_kernels._runtime import interpreting, next_pow2, round_half_even
+from asaf_fx.triton_kernels._runtime import interpreting, next_pow2, pick_configs, round_half_even
 from asaf_fx.triton_kernels.quantize import check_act_quant_args, quantize_rows_torch
 
 
@@ -111,12 +111,20 @@ def rotate_quantize_torch(
     return quantize_rows_torch(_rotate_compute(x, right).to(torch.float32), bits, clip_ratio)
 
 
+# Warps per program, chosen by timing on the first call of each shape. A wide row is one program
+# holding 2^k · next_pow2(m) float32 values (16 384 for Llama-2's 11008 and Llama-3's 14336): for
+# sm_90, ptxas gives it 255 registers and spills at 4 warps, 222-229 at 8 (one program per SM) and
+# 90-124 at 16, so which count hides latency best is a question for the GPU, not for a rule.
+_WARPS = pick_configs([triton.Config({}, num_warps=w) for w in (4, 8, 16)], triton.Config({}, num_warps=4))
+
+
+@triton.autotune(configs=_WARPS, key=["M_ODD", "POWER", "MP", "BR", "QUANTIZE", "few_rows"])
 @triton.jit
 def _rotate_kernel(
     # pointers
     x_ptr, right_ptr, out_ptr, scale_ptr,
-    # sizes, strides (rows are contiguous) and scalars
-    rows, stride_x, stride_out, inv_sqrt, clip_ratio,
+    # sizes, strides (rows are contiguous) and scalars; few_rows (≤ 16 rows, decode) is a tuning key
+    rows, few_rows, stride_x, stride_out, inv_sqrt, clip_ratio,
     # meta-parameters: width n = POWER * M_ODD, MP = next power of two ≥ M_ODD, BR rows per program
     M_ODD: tl.constexpr, POWER: tl.constexpr, LOG2P: tl.constexpr, MP: tl.constexpr, BR: tl.constexpr,
     QUANTIZE: tl.constexpr, QMAX: tl.constexpr, DENSE_DOT: tl.constexpr, EXACT_DOT: tl.constexpr,
@@ -190,10 +198,9 @@ def _launch_rotate(x: torch.Tensor, right: torch.Tensor, out: torch.Tensor, scal
     dense_dot = br == 1 and m > 1 and mp >= 16 and power >= 16  # tl.dot needs 16-wide tiles
     _rotate_kernel[(triton.cdiv(rows, br),)](
         x2, right.to(device=x.device, dtype=torch.float32).contiguous(), out, scale if scale is not None else out,
-        rows, x2.stride(0), n, 1.0 / math.sqrt(power), float(clip_ratio),
+        rows, int(rows <= 16), x2.stride(0), n, 1.0 / math.sqrt(power), float(clip_ratio),
         M_ODD=m, POWER=power, LOG2P=power.bit_length() - 1, MP=mp, BR=br,
         QUANTIZE=scale is not None, QMAX=2 ** (bits - 1) - 1, DENSE_DOT=dense_dot, EXACT_DOT=interpreting(),
-        num_warps=8 if br * power * mp >= 8192 else 4,
     )
 
 

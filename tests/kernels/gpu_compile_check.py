@@ -47,8 +47,9 @@ def cases():
         meta = dict(M_ODD=m, POWER=power, LOG2P=power.bit_length() - 1, MP=mp, BR=br, QUANTIZE=quantize_, QMAX=7,
                     DENSE_DOT=br == 1 and m > 1 and mp >= 16 and power >= 16, EXACT_DOT=False)
         ptrs = dict(x_ptr="*fp16", right_ptr="*fp32", out_ptr="*i8" if quantize_ else "*fp16", scale_ptr="*fp32")
-        yield (f"rotate{'+quantize' if quantize_ else ''} sm90 n={power}·{m}", hadamard._rotate_kernel, ptrs, meta, 90,
-               dict(num_warps=8 if br * power * mp >= 8192 else 4))
+        for cfg in hadamard._WARPS:  # the autotuner's choices
+            yield (f"rotate{'+quantize' if quantize_ else ''} sm90 n={power}·{m} warps={cfg.num_warps}",
+                   hadamard._rotate_kernel.fn, ptrs, meta, 90, dict(num_warps=cfg.num_warps))
     gemv_ptrs = dict(a_ptr="*i8", w_ptr="*u8", w_scale_ptr="*fp16", a_scale_ptr="*fp32", bias_ptr="*fp16",
                      c_ptr="*fp16")
     for cfg in gemv._configs():

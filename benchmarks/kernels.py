@@ -9,7 +9,8 @@ INT4 weight (per-channel scales, fp16 output):
 * ``triton-a4`` / ``triton-a8``: the portable Triton GEMM (``gemm.w4a_int_linear_triton``; M > 16);
 * ``fp8-a4``: widen + ``torch._scaled_mm`` float8 (``cublas.w4a4_fp8_linear``);
 * ``int8-a4`` / ``int8-a8``: widen + ``torch._int_mm`` + epilogue (``cublas.w4a8_int8_linear``);
-* ``gemv-a4`` / ``gemv-a16``: the weight-streaming decode kernel (M ≤ 16 only);
+* ``gemv-a4`` / ``gemv-a16``: the weight-streaming decode kernel (M ≤ 16 only), and
+  ``gemv-split-a4`` / ``-a8`` its form with K split over programs (M = 1 only; no route takes it yet);
 * ``op-a4`` / ``op-a8`` / ``op-a16``: the ``torch.ops.asaf_fx`` op, i.e. whatever ``routes.py`` picks;
 * ``unpack``: the widening pass alone (int8), and ``rot+q``: the fused online Hadamard + 4-bit
   quantization of the (M, K) input;
@@ -86,6 +87,9 @@ def _paths(m: int, k: int, x, q4, s4, q8, s8, w_packed, w_scale, w16, right, tri
     if m <= gemv.MAX_M:
         paths["gemv-a4"] = lambda: gemv.w4_gemv(q4, s4, w_packed, w_scale, None, k, half)
         paths["gemv-a16"] = lambda: gemv.w4_gemv(x, None, w_packed, w_scale, None, k, half)
+        if m == 1:
+            paths["gemv-split-a4"] = lambda: gemv.w4_gemv_split(q4, s4, w_packed, w_scale, None, half)
+            paths["gemv-split-a8"] = lambda: gemv.w4_gemv_split(q8, s8, w_packed, w_scale, None, half)
         if tiny is not None:
             xb = x.to(torch.bfloat16)
             paths["tinygemm-a16"] = lambda: torch._weight_int4pack_mm(xb, tiny[0], 128, tiny[1])
@@ -116,6 +120,8 @@ def _exactness(m: int, k: int, n: int, dev: str) -> list[str]:
             cand[f"int8-a{bits}"] = lambda: cublas.w4a8_int8_linear(x_q, ones_x, packed, ones_w, None, torch.float32)
         if m <= gemv.MAX_M:
             cand[f"gemv-a{bits}"] = lambda: gemv.w4_gemv(x_q, ones_x, packed, ones_w, None, k, torch.float32)
+        if m == 1:
+            cand[f"gemv-split-a{bits}"] = lambda: gemv.w4_gemv_split(x_q, ones_x, packed, ones_w, None, torch.float32)
         for name, fn in cand.items():
             try:
                 ok = torch.equal(fn(), ref)

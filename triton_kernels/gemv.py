@@ -10,6 +10,13 @@ Two kinds of program, both in the autotuner's list: for one row, float32 multipl
 (BLOCK_N, BLOCK_KB) accumulator reduced once at the end; for 2–16 rows (or one, if faster), two
 16-row tensor-core dots per K-block with both operands as float16 (bfloat16 for bfloat16 inputs).
 
+``w4_gemv_split`` is a second form for one row of integer codes with one scale per output channel:
+the K axis is also split over ``SPLIT_K`` programs, which add their exact integer partial sums
+into a zeroed float32 row with atomics, and ``cublas.scale_epilogue`` applies the scales and bias.
+More programs keep more loads in flight when N is small against K (a down_proj: 4096 outputs,
+11008-deep rows); the cost is two small launches more. Integer partial sums are exact, so the order
+in which the atomics land changes nothing.
+
 Arithmetic: integer activation codes (|v| ≤ 128) and weight codes (|v| ≤ 8) are exact in float16
 and float32, and for K < 16 384 their products and sums stay integers below 2^24, so the float32
 accumulator holds the exact integer dot product the reference computes: W4A4/W4A8 results equal
@@ -175,3 +182,57 @@ def w4_gemv(x: torch.Tensor, x_scale: torch.Tensor | None, w_packed: torch.Tenso
             HAS_BIAS=bias is not None, DOT_BF16=dot_bf16,
         )
     return c.reshape(*x.shape[:-1], n)
+
+
+def _split_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_KB": bkb, "SPLIT_K": sk}, num_warps=4, num_stages=st)
+            for bn, bkb, st in [(8, 256, 3), (16, 128, 3), (16, 256, 3), (32, 128, 4), (8, 512, 2)]
+            for sk in (2, 4, 8)]
+
+
+@triton.autotune(configs=_split_configs() if not interpreting() else
+                 [triton.Config({"BLOCK_N": 8, "BLOCK_KB": 32, "SPLIT_K": 3}, num_warps=4)],
+                 key=["N", "K"], reset_to_zero=["acc_ptr"])
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % (2 * a["SPLIT_K"] * a["BLOCK_KB"]) == 0})
+@triton.jit
+def _w4_gemv_split_kernel(
+    a_ptr, w_ptr, acc_ptr, N, K, stride_wn,
+    BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.arange(0, BLOCK_KB)
+    n_mask = offs_n < N
+    k_bytes = (K + 1) // 2
+    # Each split owns a run of whole K-blocks; the last may be short or empty.
+    blocks = tl.cdiv(k_bytes, BLOCK_KB)
+    per_split = tl.cdiv(blocks, SPLIT_K)
+    first = pid_k * per_split * BLOCK_KB
+    last = tl.minimum(first + per_split * BLOCK_KB, k_bytes)
+    w_tile = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_b[None, :]
+    acc2 = tl.zeros((BLOCK_N, BLOCK_KB), dtype=tl.float32)
+    for kb0 in range(first, last, BLOCK_KB):
+        b = kb0 + offs_b
+        w_low, w_high = _nibbles(_load_rows(w_tile + kb0, n_mask, b < k_bytes, EVEN_K))
+        k_even = 2 * b
+        x_even = tl.load(a_ptr + k_even, mask=k_even < K, other=0).to(tl.float32)
+        x_odd = tl.load(a_ptr + k_even + 1, mask=k_even + 1 < K, other=0).to(tl.float32)
+        acc2 += w_low.to(tl.float32) * x_even[None, :] + w_high.to(tl.float32) * x_odd[None, :]
+    tl.atomic_add(acc_ptr + offs_n, tl.sum(acc2, axis=1), mask=n_mask)
+
+
+def w4_gemv_split(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """y (1, N) for one row of int8 codes, per-channel ``w_scale`` (N, 1), K split over programs."""
+    from asaf_fx.triton_kernels.cublas import scale_epilogue
+
+    k, n = x_q.shape[-1], w_packed.shape[0]
+    x2 = x_q.reshape(-1, k).contiguous()
+    if x2.shape[0] != 1 or x_q.dtype != torch.int8 or w_scale.shape[-1] != 1:
+        raise ValueError("w4_gemv_split takes one row of int8 codes and one weight scale per output channel")
+    acc = torch.zeros((1, n), dtype=torch.float32, device=x_q.device)
+    if n:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+        _w4_gemv_split_kernel[grid](x2, w_packed, acc, n, k, w_packed.stride(0))
+    return scale_epilogue(acc, x_scale, w_scale, bias, out_dtype).reshape(*x_q.shape[:-1], n)

@@ -59,6 +59,10 @@ def cases():
             yield (f"gemv sm90 {act} group={group} {cfg.kwargs}", gemv._w4_gemv_kernel.fn.fn,
                    {**gemv_ptrs, "a_ptr": f"*{act}"}, meta, 90,
                    dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    for cfg in gemv._split_configs():
+        yield (f"gemv split sm90 {cfg.kwargs}", gemv._w4_gemv_split_kernel.fn.fn,
+               dict(a_ptr="*i8", w_ptr="*u8", acc_ptr="*fp32"), dict(EVEN_K=True, **cfg.kwargs), 90,
+               dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     for out in ("*i8", "*fp8e4nv"):
         yield (f"unpack_int4 sm90 -> {out}", int4._unpack_int4_kernel, dict(p_ptr="*u8", out_ptr=out),
                dict(BLOCK_N=32, BLOCK_KB=64), 90, {})

@@ -118,3 +118,22 @@ def test_op_on_device_route_matches_reference(device, monkeypatch, m, bits):
     ref = gemm.w4a_int_linear_torch(x_q, x_scale, packed, scale, bias, gs, torch.float16)
     out = torch.ops.asaf_fx.w4a_int_linear(x_q, x_scale, packed, scale, bias, gs, torch.float16, bits)
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("n,k", [(40, 256), (9, 33), (24, 1000)])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_split_k_gemv_is_exact(device, n, k, bits, assert_float_close):
+    x, x_q, x_scale, packed, scale, bias, gs = _case(1, n, k, None, bits, device)
+    for b in (None, bias):
+        ref = gemm.w4a_int_linear_torch(x_q, x_scale, packed, scale, b, gs, torch.float32)
+        out = gemv.w4_gemv_split(x_q, x_scale, packed, scale, b, torch.float32)
+        assert_float_close(out, ref, rtol=2e-6)
+    sums = gemv.w4_gemv_split(x_q, torch.ones(1, device=device), packed, torch.ones(n, 1, device=device), None,
+                              torch.float32)
+    assert torch.equal(sums, (x_q.double() @ int4.unpack_int4(packed, k).double().T).float())  # exact integers
+
+
+def test_split_k_gemv_refuses_what_it_cannot_compute(device):
+    x, x_q, x_scale, packed, scale, bias, gs = _case(2, 8, 64, None, 4, device)
+    with pytest.raises(ValueError, match="one row of int8 codes"):
+        gemv.w4_gemv_split(x_q, x_scale, packed, scale, None, torch.float32)

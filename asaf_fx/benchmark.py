@@ -230,7 +230,8 @@ def build_variant(name: str, args: SimpleNamespace, plan) -> tuple[Any, dict[int
 
 
 def _cell_line(cell: dict[str, Any]) -> str:
-    return f"{cell['latency_ms']:.1f} ms, peak {_mib(cell['peak_memory_bytes'])} MiB"
+    return (f"{cell['latency_ms']:.1f} ms (host returned after {cell['host_ms']:.1f} ms), "
+            f"peak {_mib(cell['peak_memory_bytes'])} MiB")
 
 
 def _decode_line(cell: dict[str, Any]) -> str:

@@ -125,8 +125,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (which absorb JIT compiles)."""
+def time_call(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int,
+              host: list[float] | None = None) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (which absorb JIT compiles).
+
+    ``host``, if given, receives the seconds until each call returned, before waiting for the
+    device: when that is close to the whole time, the host's launches, not the GPU, set the pace.
+    """
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -134,6 +139,8 @@ def time_call(fn: Callable[[], Any], device: torch.device, warmup: int, repeats:
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        if host is not None:
+            host.append(time.perf_counter() - start)
         _sync(device)
         samples.append(time.perf_counter() - start)
     return samples
@@ -145,19 +152,22 @@ def _oom_errors() -> tuple[type[BaseException], ...]:
 
 def measure_prefill(forward: Callable[[torch.Tensor], Any], *, batch: int, seq: int, vocab: int,
                     device: torch.device, warmup: int, repeats: int, memory: PeakMemory, seed: int) -> dict[str, Any]:
-    """Median latency of one full-sequence forward over ``batch × seq`` random tokens, and its peak memory."""
+    """Median latency of one full-sequence forward over ``batch × seq`` random tokens, its peak memory,
+    and (``host_ms``) the median time until the call returned, before the device finished."""
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
     memory.reset()
+    host: list[float] = []
     try:
         with torch.no_grad():
-            samples = time_call(functools.partial(forward, ids), device, warmup, repeats)
+            samples = time_call(functools.partial(forward, ids), device, warmup, repeats, host)
     except _oom_errors() as exc:
         return {"seq": seq, "batch": batch, "error": f"out of memory: {str(exc).splitlines()[0]}"}
     finally:
         del ids  # the batch must not outlive the measurement (peak memory of the next one)
     median = statistics.median(samples)
     return {"seq": seq, "batch": batch, "latency_ms": median * 1e3, "samples_ms": [s * 1e3 for s in samples],
-            "tokens_per_s": batch * seq / median, "peak_memory_bytes": memory.read()}
+            "host_ms": statistics.median(host) * 1e3, "tokens_per_s": batch * seq / median,
+            "peak_memory_bytes": memory.read()}
 
 
 def measure_decode(step: Callable[[torch.Tensor, int], torch.Tensor], *, tokens: int, warmup: int,

@@ -40,6 +40,7 @@ def test_every_variant_has_plausible_figures(report):
         assert (cell["seq"], cell["batch"]) == (16, 1), name
         assert cell["latency_ms"] > 0 and cell["tokens_per_s"] == pytest.approx(16 / (cell["latency_ms"] / 1e3)), name
         assert cell["peak_memory_bytes"] > 0, name
+        assert 0 < cell["host_ms"] <= cell["latency_ms"], name  # the call returns before the device is done
         assert [d["batch"] for d in result["decode"]] == [1, 2], name
         for cell in result["decode"]:
             assert cell["tokens"] == 2 and cell["tokens_per_s"] == pytest.approx(cell["batch"] * 2 / cell["seconds"]), (

@@ -106,9 +106,9 @@ def _check_plan(plan: Plan | None, num_layers: int) -> list[float]:
     return list(plan.layer_sparsity)
 
 
-def _run(passes: list[GraphPass], gm: GraphModule, model) -> None:
+def _run(passes: list[GraphPass], gm: GraphModule, model, check: bool | str = True) -> None:
     try:
-        PassManager(passes)(gm)
+        PassManager(passes, check=check)(gm)
     except PatternError as exc:
         raise UnsupportedArchitectureError(
             f"asaf_fx.compile: {type(model).__name__} is not a supported Llama-family architecture: {exc}") from exc
@@ -155,14 +155,16 @@ def rewrite(graphs: list[GraphModule], model, quant: QuantConfig,
         _run(make(), forward, model)
         with structure_only():  # the other graphs read the forward graph's tensors in the end
             for gm in graphs[1:]:
-                _run(make(), gm, model)
+                _run(make(), gm, model, check="end")
 
     each(lambda: residual_passes(quant))  # these refuse an unsupported architecture first
     quant.check_overrides([n.args[1].target for layer in decoder_linears(forward) for n in layer])
     chosen = prunings(forward)
     if chosen is not None:
         each(lambda: [PruneMlpChannels(chosen)])
-    each(lambda: online_passes(quant) + ([QuantizeKV(quant.kv_bits)] if quant.kv_bits < 16 else []))
+    each(lambda: online_passes(quant))
+    if quant.kv_bits < 16:  # its own step: it matches the rotated keys the online passes add
+        each(lambda: [QuantizeKV(quant.kv_bits)])
     if quant.quantizes:
         lower = LowerLinears(lowerings(forward))  # one pass object: the graphs share its stacked weights
         each(lambda: [lower])

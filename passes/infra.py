@@ -145,7 +145,9 @@ def _structure(gm: GraphModule) -> tuple:
 class PassManager:
     """Runs ``passes`` in order; after each that modified the graph, checks it (see module doc)."""
 
-    def __init__(self, passes: Sequence[GraphPass], *, check: bool = True) -> None:
+    def __init__(self, passes: Sequence[GraphPass], *, check: bool | str = True) -> None:
+        if check not in (True, False, "end"):
+            raise ValueError(f"check must be True, False or 'end', got {check!r}")
         self.passes = list(passes)
         self.check = check
 
@@ -156,7 +158,7 @@ class PassManager:
         modified = False
         for p in self.passes:
             name = pass_name(p)
-            before = _structure(gm) if self.check else None
+            before = _structure(gm) if self.check is True else None
             result = p(gm)
             if not isinstance(result, PassResult):
                 raise TypeError(f"pass {name} returned {type(result).__name__}, expected PassResult")
@@ -165,10 +167,16 @@ class PassManager:
             log.debug("pass %s: modified=%s", name, result.modified)
             # A pass that changed only tensor values (a rotation folded into weights) leaves every
             # node's shape as it was: propagating them again would cost a full fake run for nothing.
-            if result.modified and self.check and _structure(gm) != before:
+            if result.modified and self.check is True and _structure(gm) != before:
                 try:
                     check_graph(gm)
                 except Exception as exc:
                     raise PassFailedError(f"pass {name} left an invalid graph: {exc}") from exc
             gm.meta.setdefault(META_KEY, {}).setdefault("passes", []).append(name)
+        if modified and self.check == "end":
+            try:
+                check_graph(gm)
+            except Exception as exc:
+                names = ", ".join(pass_name(p) for p in self.passes)
+                raise PassFailedError(f"passes {names} left an invalid graph: {exc}") from exc
         return PassResult(gm, modified)

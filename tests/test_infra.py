@@ -39,6 +39,20 @@ def test_manager_names_the_pass_that_broke_the_graph(gm):
         PassManager([noop, break_shapes, noop])(gm)
 
 
+def test_manager_checking_at_the_end_names_the_sequence(gm):
+    calls = []
+
+    def spy(g):
+        calls.append(g)
+        return PassResult(g, True)
+
+    with pytest.raises(PassFailedError, match="passes noop, break_shapes, spy left an invalid graph"):
+        PassManager([noop, break_shapes, spy], check="end")(gm)
+    assert calls == [gm]  # no check between passes: spy ran after break_shapes, the check came last
+    with pytest.raises(ValueError, match="check must be True, False or 'end'"):
+        PassManager([noop], check="last")
+
+
 def test_manager_reports_modified_and_records_passes(gm):
     result = PassManager([noop])(gm)
     assert not result.modified and gm.meta["asaf_fx"]["passes"] == ["noop"]

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from asaf_fx.triton_kernels._runtime import interpreting
+from asaf_fx.triton_kernels.cublas import scale_epilogue
 
 MAX_M = 16  # rows one program's 16-row MMA tile covers; more tokens go to the GEMM paths
 
@@ -86,6 +87,17 @@ def _nibbles(w_bytes):
     return ((w & 0xF) ^ 8) - 8, (((w >> 4) & 0xF) ^ 8) - 8
 
 
+@triton.jit
+def _one_row_block(a_ptr, w_tile, kb0, offs_b, n_mask, k_bytes, K, EVEN_K: tl.constexpr):
+    """(BLOCK_N, BLOCK_KB) float32 products of one row's K-block with the weight rows' block at kb0."""
+    b = kb0 + offs_b
+    w_low, w_high = _nibbles(_load_rows(w_tile + kb0, n_mask, b < k_bytes, EVEN_K))
+    k_even = 2 * b
+    x_even = tl.load(a_ptr + k_even, mask=k_even < K, other=0).to(tl.float32)
+    x_odd = tl.load(a_ptr + k_even + 1, mask=k_even + 1 < K, other=0).to(tl.float32)
+    return w_low.to(tl.float32) * x_even[None, :] + w_high.to(tl.float32) * x_odd[None, :]
+
+
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "M_ONE", "GROUP_K", "INT_ACT"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % (2 * a["BLOCK_KB"]) == 0})
@@ -131,13 +143,7 @@ def _w4_gemv_kernel(
         w_tile = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_b[None, :]
         acc2 = tl.zeros((BLOCK_N, BLOCK_KB), dtype=tl.float32)
         for kb0 in range(0, k_bytes, BLOCK_KB):
-            b = kb0 + offs_b
-            w_low, w_high = _nibbles(_load_rows(w_tile + kb0, n_mask, b < k_bytes, EVEN_K))
-            w_low, w_high = w_low.to(tl.float32), w_high.to(tl.float32)
-            k_even = 2 * b
-            x_even = tl.load(a_ptr + k_even, mask=k_even < K, other=0).to(tl.float32)
-            x_odd = tl.load(a_ptr + k_even + 1, mask=k_even + 1 < K, other=0).to(tl.float32)
-            part = w_low * x_even[None, :] + w_high * x_odd[None, :]
+            part = _one_row_block(a_ptr, w_tile, kb0, offs_b, n_mask, k_bytes, K, EVEN_K)
             if GROUP_K == 0:
                 acc2 += part
             else:
@@ -213,20 +219,13 @@ def _w4_gemv_split_kernel(
     w_tile = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_b[None, :]
     acc2 = tl.zeros((BLOCK_N, BLOCK_KB), dtype=tl.float32)
     for kb0 in range(first, last, BLOCK_KB):
-        b = kb0 + offs_b
-        w_low, w_high = _nibbles(_load_rows(w_tile + kb0, n_mask, b < k_bytes, EVEN_K))
-        k_even = 2 * b
-        x_even = tl.load(a_ptr + k_even, mask=k_even < K, other=0).to(tl.float32)
-        x_odd = tl.load(a_ptr + k_even + 1, mask=k_even + 1 < K, other=0).to(tl.float32)
-        acc2 += w_low.to(tl.float32) * x_even[None, :] + w_high.to(tl.float32) * x_odd[None, :]
+        acc2 += _one_row_block(a_ptr, w_tile, kb0, offs_b, n_mask, k_bytes, K, EVEN_K)
     tl.atomic_add(acc_ptr + offs_n, tl.sum(acc2, axis=1), mask=n_mask)
 
 
 def w4_gemv_split(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """y (1, N) for one row of int8 codes, per-channel ``w_scale`` (N, 1), K split over programs."""
-    from asaf_fx.triton_kernels.cublas import scale_epilogue
-
     k, n = x_q.shape[-1], w_packed.shape[0]
     x2 = x_q.reshape(-1, k).contiguous()
     if x2.shape[0] != 1 or x_q.dtype != torch.int8 or w_scale.shape[-1] != 1:

@@ -141,3 +141,25 @@ def test_autotune_pruning_picks_decode_or_prefill_tiles(m, group, expect_m, expe
     assert {c.kwargs["BLOCK_M"] for c in kept} <= expect_m
     assert {c.kwargs["BLOCK_K"] for c in kept} <= expect_k
     assert all(group == 0 or group % c.kwargs["BLOCK_K"] == 0 for c in kept)
+
+
+@pytest.mark.parametrize("k,group_size", [(16384, 16384), (16448, 16448), (300, 128)])
+def test_w4a_int_reference_sums_exactly(k, group_size):
+    # The reference sums in float32 up to groups of 16 384 (every partial sum ≤ 2^24) and in
+    # float64 above; both must give the int64 sums. Row 0 is the extreme: 16 384 · 1024 = 2^24.
+    n, generator = 3, torch.Generator().manual_seed(0)
+    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=generator)
+    codes[0] = -8
+    x_q = torch.randint(-128, 128, (2, k), dtype=torch.int8, generator=generator)
+    x_q[0] = -128
+    w_scale = torch.rand(n, int4.num_groups(k, group_size), generator=generator) + 0.5
+    x_scale = torch.rand(2, generator=generator) + 0.5
+    out = gemm.w4a_int_linear_torch(x_q, x_scale, int4.pack_int4(codes), w_scale, None, group_size, torch.float32)
+    pad = int4.num_groups(k, group_size) * group_size - k
+    xg = torch.nn.functional.pad(x_q.long(), (0, pad)).view(2, -1, group_size)
+    wg = torch.nn.functional.pad(codes.long(), (0, pad)).view(n, -1, group_size)
+    sums = torch.einsum("mgk,ngk->mng", xg, wg)  # int64: exact
+    expected = (sums.float() * w_scale[None]).sum(-1) * x_scale[:, None]
+    if group_size == k:
+        assert int(sums[0, 0, 0]) == 2**24 or k > 16384
+    assert torch.equal(out, expected)

@@ -38,6 +38,7 @@ from asaf_fx.config import PruneConfig, QuantConfig
 from asaf_fx.data import calibration_windows, perplexity, token_windows, wikitext2_test_path, wikitext2_valid_path
 from asaf_fx.evaluate import read_text, seed_everything
 from asaf_fx.inspection import model_totals
+from asaf_fx.passes.quantize.reuse import reuse_quantized_weights
 from asaf_fx.plan import Plan, uniform_plan
 from asaf_fx.solvers import InfeasibleError, solve
 from asaf_fx.solvers.problem import charged_degradation
@@ -304,7 +305,15 @@ def solve_plan(table: SensitivityTable, delta: float, z: float) -> Plan:
 def run(model: str | os.PathLike, out: str | os.PathLike, config: RunConfig = RunConfig(),
         console: Console | None = None) -> RunResult:
     """Calibrate, solve, compile and measure ``model`` ('smollm2', a transformers directory or a .gguf
-    file) as ``config`` asks, writing every artefact into ``out``; a rerun reuses what is finished."""
+    file) as ``config`` asks, writing every artefact into ``out``; a rerun reuses what is finished.
+
+    The calibration base and every compile quantize the same weights from the same inputs up to the
+    first pruned layer: each such weight is quantized once (``reuse_quantized_weights``)."""
+    with reuse_quantized_weights():
+        return _run(model, out, config, console)
+
+
+def _run(model: str | os.PathLike, out: str | os.PathLike, config: RunConfig, console: Console | None) -> RunResult:
     console = console if console is not None else Console(stderr=True, soft_wrap=True)
     model_name, out = str(model), Path(out)
     started = time.perf_counter()

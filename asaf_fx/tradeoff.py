@@ -38,6 +38,7 @@ from asaf_fx.calibration.calibrate import fingerprint
 from asaf_fx.data import text_sha256
 from asaf_fx.inspection import model_totals
 from asaf_fx.passes.infra import META_KEY
+from asaf_fx.passes.quantize.reuse import reuse_quantized_weights
 from asaf_fx.pipeline import Prepared, RunConfig, fp16_bytes, measure_base, prepare, solve_plan
 from asaf_fx.plan import Plan, uniform_plan
 from asaf_fx.table import SensitivityTable
@@ -128,8 +129,14 @@ def tradeoff_curve(model: str | os.PathLike, out: str | os.PathLike, budgets: It
     when its settings match, so a curve beside a run costs only its compiles); ``config``'s
     ``max_degradation`` and ``rounds`` are not used: the table reports the entries too noisy for
     the smallest budget. Writes OUT/curve.json (schema ``asaf_fx.curve/1``) and OUT/curve.png.
+    Weights quantized from identical inputs are quantized once (``reuse_quantized_weights``).
     """
-    budgets = budget_list(budgets)
+    with reuse_quantized_weights():
+        return _curve(model, out, budget_list(budgets), config, console)
+
+
+def _curve(model: str | os.PathLike, out: str | os.PathLike, budgets: tuple[float, ...], config: RunConfig,
+           console: Console | None) -> CurveResult:
     console = console if console is not None else Console(stderr=True, soft_wrap=True)
     model_name, out = str(model), Path(out)
     config = dataclasses.replace(config, max_degradation=budgets[0])

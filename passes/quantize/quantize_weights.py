@@ -19,6 +19,7 @@ from asaf_fx.passes.graph_utils import aten, get_tensor, is_op, set_tensor
 from asaf_fx.passes.layerwise import LayerwiseRunner, State
 from asaf_fx.passes.linear_stats import LinearStats, collect_linear_stats
 from asaf_fx.passes.quantize.gptq import quantize_gptq
+from asaf_fx.passes.quantize.reuse import quantize_reusing
 from asaf_fx.passes.quantize.rtn import QuantizedWeight, check_bits, quantize_rtn
 from asaf_fx.passes.split_layers import decoder_linears, split_decoder_layers
 
@@ -64,12 +65,15 @@ class LinearQuant:
             raise ValueError("w_bits=16: this linear's weight is not quantized")
         if self.needs_hessian and hessian is None:
             raise ValueError(f"{self.w_method} needs the input Hessian of the linear (calibration data)")
-        return WEIGHT_METHODS[self.w_method].quantize(weight, hessian, self)
+        method = WEIGHT_METHODS[self.w_method]
+        settings = (method.quantize, self.w_bits, self.w_group_size, self.w_clip_search, self.damp, self.act_order)
+        return quantize_reusing(settings, weight, hessian, lambda: method.quantize(weight, hessian, self))
 
 
 @dataclass(frozen=True)
 class WeightMethod:
-    """A weight quantizer: ``quantize(weight, hessian or None, settings) -> QuantizedWeight``."""
+    """A weight quantizer: ``quantize(weight, hessian or None, settings) -> QuantizedWeight``, a
+    deterministic function of its arguments (``reuse_quantized_weights`` relies on it)."""
 
     quantize: Callable[[torch.Tensor, torch.Tensor | None, LinearQuant], QuantizedWeight]
     needs_hessian: bool

@@ -39,7 +39,7 @@ def w4a_int_linear_torch(
 ) -> torch.Tensor:
     """Reference for the W4A4/W4A8 GEMM (see module docstring). Integer sums are exact: in float32
     while no partial sum can pass 2^24 (|x| ≤ 128, |w| ≤ 8, so groups of up to 16 384), else in
-    float64; the float32 GEMM is several times faster on the CPU."""
+    float64; on the CPU the float32 GEMM takes about half the time of the float64 einsum."""
     k, n = _check_common(x_q, w_packed, w_scale, bias, group_size, out_dtype)
     _check_int_act(x_q, x_scale)
     g = num_groups(k, group_size)

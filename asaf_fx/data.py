@@ -105,5 +105,28 @@ def calibration_windows(tokenizer, path: str | os.PathLike, n_windows: int = 32,
     if pool.shape[0] < n_windows:
         raise ValueError(f"{path} has only {pool.shape[0]} windows of {seq_len} tokens, {n_windows} were asked for; "
                          "use fewer or shorter windows, or a longer text")
-    order = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))
-    return pool[order[:n_windows]]
+    return pool[_drawn(pool.shape[0], n_windows, seed)]
+
+
+def _drawn(pool: int, n_windows: int, seed: int) -> torch.Tensor:
+    """Indices of the windows :func:`calibration_windows` draws from a pool of ``pool`` windows."""
+    return torch.randperm(pool, generator=torch.Generator().manual_seed(seed))[:n_windows]
+
+
+def check_windows(tokenizer, path: str | os.PathLike, n_windows: int | None, seq_len: int, *,
+                  avoid: tuple[int, int, int]) -> torch.Tensor:
+    """``n_windows`` windows of ``seq_len`` tokens of a text file (None: all), the last ones in text
+    order that share no token with the draw ``avoid = (n_windows, seq_len, seed)`` of
+    :func:`calibration_windows` from the same file: text held out from calibration that a run may
+    still make choices on."""
+    ids = tokenizer(read_joined(path), return_tensors="pt").input_ids[0]
+    drawn_n, drawn_len, seed = avoid
+    used = torch.zeros(ids.numel(), dtype=torch.bool)
+    for index in _drawn(ids.numel() // drawn_len, drawn_n, seed).tolist():
+        used[index * drawn_len:(index + 1) * drawn_len] = True
+    free = [start for start in range(0, ids.numel() - seq_len + 1, seq_len) if not used[start:start + seq_len].any()]
+    n = len(free) if n_windows is None else n_windows
+    if not 0 < n <= len(free):
+        raise ValueError(f"{path} has {len(free)} windows of {seq_len} tokens outside the calibration windows, "
+                         f"{n} were asked for; use fewer or shorter windows, or a longer text")
+    return torch.stack([ids[start:start + seq_len] for start in free[len(free) - n:]])

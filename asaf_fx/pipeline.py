@@ -1,13 +1,13 @@
 """``asaf_fx.run``: the end-to-end pipeline behind ``python -m asaf_fx run``.
 
 Optionally choose the decoder layers whose inputs get 8 instead of 4 bits (``a8_layers``, by each
-layer's measured gain), calibrate a sensitivity table, solve a plan within the budget (a layer is
-pruned at one of the table's levels or left dense), compile the plan with rotation and quantization,
-and measure it on held-out text. When the measured degradation (ppl_asaf / ppl_base − 1 on the
-evaluation windows) exceeds the budget, the solver's budget is tightened to
-δ · budget / measured · 0.9 and the plan solved and compiled again, at most ``rounds`` times. Writes
-OUT/table.safetensors, OUT/plan.json, OUT/model (asaf_fx.load), OUT/summary.json and, with
-``a8_layers``, OUT/activation_gains.json.
+layer's measured gain), calibrate a sensitivity table, then search for the plan that removes the
+most FLOPs within the budget (``asaf_fx.budget_search``: each round solves at a budget δ — a layer
+pruned at one of the table's levels or left dense — compiles the plan with rotation and
+quantization and measures ppl / ppl_base − 1 on check windows of the calibration text that the
+calibration never read). Only the kept plan is measured on the evaluation text, so no choice is made
+on it. Writes OUT/table.safetensors, OUT/plan.json, OUT/model (asaf_fx.load), OUT/summary.json and,
+with ``a8_layers``, OUT/activation_gains.json.
 """
 
 from __future__ import annotations
@@ -29,19 +29,25 @@ from rich.progress import Progress as ProgressBar
 from rich.table import Table
 
 from asaf_fx._atomic import write_text_atomic
+from asaf_fx.budget_search import dense_plan, search
 from asaf_fx.calibration.activation_gains import BITS, ActivationGains, measure_activation_gains
 from asaf_fx.calibration.calibrate import CalibrationConfig, calibrate, fingerprint
 from asaf_fx.calibration.progress import Progress
 from asaf_fx.checkpoint import save
 from asaf_fx.compile import compile as compile_model
 from asaf_fx.config import PruneConfig, QuantConfig
-from asaf_fx.data import calibration_windows, perplexity, token_windows, wikitext2_test_path, wikitext2_valid_path
+from asaf_fx.data import (
+    calibration_windows,
+    check_windows,
+    perplexity,
+    token_windows,
+    wikitext2_test_path,
+    wikitext2_valid_path,
+)
 from asaf_fx.evaluate import read_text, seed_everything
 from asaf_fx.inspection import model_totals
 from asaf_fx.passes.quantize.reuse import reuse_quantized_weights
 from asaf_fx.plan import Plan, uniform_plan
-from asaf_fx.solvers import InfeasibleError, solve
-from asaf_fx.solvers.problem import charged_degradation
 from asaf_fx.table import SensitivityTable
 
 SCHEMA = "asaf_fx.pipeline/1"
@@ -50,7 +56,6 @@ SCHEMA = "asaf_fx.pipeline/1"
 # blocks of a 1536-wide SmolLM2 MLP: the small levels are where a 1 % budget is spent.
 DEFAULT_SPARSITIES = (0.02, 0.05, 0.1)
 DEFAULT_EVAL_WINDOWS = 4
-TIGHTEN = 0.9  # aim this far below the budget when a round's measurement overshoots it
 
 
 def default_quant() -> QuantConfig:
@@ -70,9 +75,11 @@ class RunConfig:
     """Settings of :func:`run`.
 
     ``max_degradation``: the budget, a relative perplexity rise over the rotated-quantized model.
-    ``rounds``: solve-compile-measure rounds at most. ``text``/``eval_text``: calibration and
-    evaluation text files (default: the WikiText-2 validation and test splits); ``eval_windows``
-    windows of ``seq_len`` tokens from the start of ``eval_text`` (0: every whole window).
+    ``rounds``: solve-compile-measure rounds at most (``asaf_fx.budget_search``). ``text``/``eval_text``:
+    calibration and evaluation text files (default: the WikiText-2 validation and test splits);
+    ``eval_windows`` windows of ``seq_len`` tokens from the start of ``eval_text`` (0: every whole
+    window); the rounds measure as many windows of ``text`` that the calibration did not read (0:
+    all of them).
     ``a8_layers``: raise the inputs of the K decoder layers that gain most from it to 8 bits.
     ``z``: standard errors charged per table entry above its ξ (see ``asaf_fx.solve``).
     ``calibration.seed`` is the run's seed (windows, rotations) and must equal ``quant.seed``;
@@ -209,10 +216,6 @@ def fp16_bytes(totals: dict[str, float]) -> int:
     return int(totals["dense_flops"])
 
 
-def _groups(plan: Plan) -> list[list]:
-    return [[g.start, g.stop, g.sparsity] for g in plan.groups]
-
-
 def _ppl(model, windows: torch.Tensor) -> float:
     return perplexity(lambda batch: model(batch).logits, windows)
 
@@ -239,6 +242,7 @@ class Prepared:
     eval_text: Path
     eval_ids: torch.Tensor
     cal_ids: torch.Tensor
+    check_ids: torch.Tensor | None  # windows of the calibration text held out from it (run's rounds)
     table: SensitivityTable
     activation_bits: dict[str, Any] | None
 
@@ -257,10 +261,12 @@ class Prepared:
         return _ppl(model, self.eval_ids)
 
 
-def prepare(model_name: str, out: Path, config: RunConfig, console: Console, models: str = "≥ 4") -> Prepared:
-    """Seed, check the texts, load the model, cut the evaluation windows, choose the 8-bit layers
-    (``a8_layers``) and calibrate or reuse OUT/table.safetensors. ``models``: how many models the
-    caller evaluates, for the note on the cost of ``eval_windows=0``."""
+def prepare(model_name: str, out: Path, config: RunConfig, console: Console, models: str = "≥ 4",
+            check: bool = False) -> Prepared:
+    """Seed, check the texts, load the model, cut the evaluation windows (and with ``check``, as many
+    check windows of the calibration text), choose the 8-bit layers (``a8_layers``) and calibrate
+    or reuse OUT/table.safetensors. ``models``: how many models the caller evaluates, for the note
+    on the cost of ``eval_windows=0``."""
     from asaf_fx.models import load_model
 
     seed_everything(config.seed)
@@ -283,23 +289,37 @@ def prepare(model_name: str, out: Path, config: RunConfig, console: Console, mod
     cal = config.calibration
     table = table_for(model_name, out, config, (model, tokenizer), text, console)
     cal_ids = calibration_windows(tokenizer, text, cal.windows, cal.seq_len, seed=cal.seed)
-    return Prepared(model_name, config, model, tokenizer, text, eval_text, eval_ids, cal_ids, table, activation_bits)
+    check_ids = None
+    if check:
+        # Every window calibration draws (the table's fitting and held-out ones) is avoided.
+        check_ids = check_windows(tokenizer, text, config.eval_windows or None, config.seq_len,
+                                  avoid=(2 * cal.windows, cal.seq_len, cal.seed))
+        console.print(f"the rounds measure on {check_ids.shape[0]} windows × {config.seq_len} tokens of {text} "
+                      "that the calibration did not read")
+    return Prepared(model_name, config, model, tokenizer, text, eval_text, eval_ids, cal_ids, check_ids, table,
+                    activation_bits)
 
 
-def measure_base(prepared: Prepared, console: Console) -> tuple[float, float, dict[str, float]]:
-    """Perplexity of the 16-bit model and of the unpruned rotated-quantized base, and the base's
+@dataclass
+class BaseMeasures:
+    """Perplexity of the 16-bit model and of the unpruned rotated-quantized base on the evaluation
+    windows, the base's on the check windows (None without them), and the base's
     :func:`model_totals` (its FLOPs are the dense FLOPs)."""
+
+    ppl_fp: float
+    ppl_base: float
+    totals: dict[str, float]
+    ppl_check: float | None
+
+
+def measure_base(prepared: Prepared, console: Console) -> BaseMeasures:
     ppl_fp = prepared.perplexity(prepared.model)
     base = prepared.build(None)
-    ppl_base, base_totals = prepared.perplexity(base), model_totals(base)
-    console.print(f"perplexity: 16-bit {ppl_fp:.4f}, rotated-quantized {ppl_base:.4f}")
-    return ppl_fp, ppl_base, base_totals
-
-
-def solve_plan(table: SensitivityTable, delta: float, z: float) -> Plan:
-    """The run's plan within ``delta``: each layer pruned at one of ``table``'s levels or left dense."""
-    return solve(table, delta, min_sparsity=float(table.sparsities[0]), max_sparsity=float(table.sparsities[-1]),
-                 allow_dense=True, z=z)
+    ppl_base, totals = prepared.perplexity(base), model_totals(base)
+    ppl_check = None if prepared.check_ids is None else _ppl(base, prepared.check_ids)
+    console.print(f"perplexity: 16-bit {ppl_fp:.4f}, rotated-quantized {ppl_base:.4f}"
+                  + ("" if ppl_check is None else f" (check windows: {ppl_check:.4f})"))
+    return BaseMeasures(ppl_fp, ppl_base, totals, ppl_check)
 
 
 def run(model: str | os.PathLike, out: str | os.PathLike, config: RunConfig = RunConfig(),
@@ -317,50 +337,27 @@ def _run(model: str | os.PathLike, out: str | os.PathLike, config: RunConfig, co
     console = console if console is not None else Console(stderr=True, soft_wrap=True)
     model_name, out = str(model), Path(out)
     started = time.perf_counter()
-    prepared = prepare(model_name, out, config, console)
+    prepared = prepare(model_name, out, config, console, check=True)
     config, table, build = prepared.config, prepared.table, prepared.build
     tokenizer, text, eval_text, eval_ids = prepared.tokenizer, prepared.text, prepared.eval_text, prepared.eval_ids
     activation_bits, cal = prepared.activation_bits, config.calibration
-    ppl_fp, ppl_base, base_totals = measure_base(prepared, console)
+    base = measure_base(prepared, console)
+    budget = config.max_degradation
 
-    budget, delta = config.max_degradation, config.max_degradation
-    cheapest = float(np.nanmin(charged_degradation(table, config.z)[:, :, table.sparsities > 0]))
-    rounds: list[dict[str, Any]] = []
-    best = None  # (measured, plan, compiled, ppl)
-    for number in range(1, config.rounds + 1):
-        try:
-            plan = solve_plan(table, delta, config.z)
-            if plan.flops_ratio >= 1.0 and rounds and cheapest < rounds[-1]["max_degradation"]:
-                # Dense measures 0 by construction, so it teaches nothing: the smallest plan worth
-                # measuring after an overshoot is the cheapest single choice.
-                delta = cheapest * (1 + 1e-9)
-                plan = solve_plan(table, delta, config.z)
-        except InfeasibleError as exc:
-            rounds.append({"round": number, "max_degradation": delta, "infeasible": str(exc)})
-            console.print(f"round {number}: δ={delta:.4g}: {exc}")
-            break
-        seen = [r["round"] for r in rounds if r.get("groups") == _groups(plan)]
-        if seen:  # a smaller δ gave the same plan: its measurement would not change either
-            rounds.append({"round": number, "max_degradation": delta, "same_plan_as_round": seen[0]})
-            console.print(f"round {number}: δ={delta:.4g} gives round {seen[0]}'s plan again; stopping")
-            break
+    def measure(plan: Plan) -> tuple[float, Any]:
         compiled = build(plan, decode=True)
-        ppl = _ppl(compiled, eval_ids)
-        measured = ppl / ppl_base - 1
-        rounds.append({"round": number, "max_degradation": delta, "predicted_degradation": plan.predicted_degradation,
-                       "measured_degradation": measured, "ppl": ppl, "flops_ratio": plan.flops_ratio,
-                       "groups": _groups(plan)})
-        console.print(f"round {number}: δ={delta:.4g}, {len(plan.groups)} groups, FLOPs ×{plan.flops_ratio:.4f}, "
-                      f"predicted {plan.predicted_degradation:.4g}, measured {measured:.4g} (budget {budget:g})")
-        if best is None or measured < best[0]:
-            best = (measured, plan, compiled, ppl)
-        if measured <= budget:
-            break
-        delta = delta * budget / measured * TIGHTEN
-    if best is None:
-        raise InfeasibleError(f"no plan fits the budget {budget:g} in this table: {rounds[-1]['infeasible']}")
-    measured, plan, compiled, ppl_asaf = best
-    budget_met = measured <= budget
+        return _ppl(compiled, prepared.check_ids) / base.ppl_check - 1, compiled
+
+    rounds, kept = search(table, budget, config.z, config.rounds, measure, console.print)
+    if kept is None:
+        plan = dense_plan(table, budget)
+        console.print("no pruned plan measured within the budget on the check windows: the model stays dense")
+        compiled, checked = build(plan, decode=True), 0.0
+    else:
+        plan, compiled, checked = kept.plan, kept.kept, kept.degradation
+    ppl_asaf = _ppl(compiled, eval_ids)
+    measured = ppl_asaf / base.ppl_base - 1
+    console.print(f"the kept plan on the evaluation text: perplexity {ppl_asaf:.4f}, degradation {measured:.4g}")
 
     asaf_totals = model_totals(compiled)
     uniform_s = 1.0 - asaf_totals["flops"] / asaf_totals["dense_flops"]
@@ -369,20 +366,23 @@ def _run(model: str | os.PathLike, out: str | os.PathLike, config: RunConfig, co
         ppl_uniform, uniform_totals = _ppl(uniform, eval_ids), model_totals(uniform)
         del uniform
     else:
-        ppl_uniform, uniform_totals = ppl_base, base_totals
+        ppl_uniform, uniform_totals = base.ppl_base, base.totals
 
     save(compiled, out / "model", tokenizer=tokenizer, overwrite=True)  # a rerun replaces its own model
     write_text_atomic(out / "plan.json", plan.to_json() + "\n")
     summary = {
-        "schema": SCHEMA, "model": model_name, "budget": budget, "budget_met": budget_met,
+        "schema": SCHEMA, "model": model_name, "budget": budget, "budget_met": measured <= budget,
         "predicted_degradation": plan.predicted_degradation, "measured_degradation": measured,
+        "check_degradation": checked, "budget_met_on_check": checked <= budget,
         "flops_ratio": asaf_totals["flops"] / asaf_totals["dense_flops"], "plan_flops_ratio": plan.flops_ratio,
         "uniform_sparsity": uniform_s,
         "uniform_flops_ratio": uniform_totals["flops"] / uniform_totals["dense_flops"],
-        "ppl_fp": ppl_fp, "ppl_base": ppl_base, "ppl_asaf": ppl_asaf, "ppl_uniform": ppl_uniform,
-        "bytes_of": "decoder linear weights (+ their scales)", "fp16_bytes": fp16_bytes(base_totals),
-        "base_bytes": int(base_totals["weight_bytes"]), "asaf_bytes": int(asaf_totals["weight_bytes"]),
+        "ppl_fp": base.ppl_fp, "ppl_base": base.ppl_base, "ppl_asaf": ppl_asaf, "ppl_uniform": ppl_uniform,
+        "ppl_check_base": base.ppl_check,
+        "bytes_of": "decoder linear weights (+ their scales)", "fp16_bytes": fp16_bytes(base.totals),
+        "base_bytes": int(base.totals["weight_bytes"]), "asaf_bytes": int(asaf_totals["weight_bytes"]),
         "eval_text": str(eval_text), "eval_windows": int(eval_ids.shape[0]), "seq_len": config.seq_len,
+        "check_windows": int(prepared.check_ids.shape[0]),
         "calibration_text": str(text), "calibration_windows": cal.windows, "calibration_seq_len": cal.seq_len,
         "quant": config.quant.to_dict(), "activation_bits": activation_bits, "granularity": cal.granularity,
         "table_health": table.meta.get("health"), "z": config.z, "table_stderr": _stderr_summary(table),
@@ -411,8 +411,8 @@ def render(summary: dict[str, Any], console: Console) -> None:
         console.print(f"uniform sparsity {summary['uniform_sparsity']:.2%} removes no channel: each layer's share "
                       f"rounds to zero blocks of {summary['granularity']}, so the uniform row is the unpruned base")
     verdict = ("within" if summary["budget_met"] else "[bold red]BUDGET NOT MET[/bold red]: above")
-    console.print(f"degradation: predicted {summary['predicted_degradation']:.4g}, measured "
-                  f"{summary['measured_degradation']:.4g}, {verdict} the budget {summary['budget']:g} "
-                  f"after {len(summary['rounds'])} round(s)")
+    console.print(f"degradation: predicted {summary['predicted_degradation']:.4g}, on the check windows "
+                  f"{summary['check_degradation']:.4g} after {len(summary['rounds'])} round(s), on the evaluation "
+                  f"text {summary['measured_degradation']:.4g}: {verdict} the budget {summary['budget']:g}")
 
 

@@ -34,12 +34,13 @@ from rich.console import Console
 from rich.table import Table
 
 from asaf_fx._atomic import atomic_path, write_text_atomic
+from asaf_fx.budget_search import solve_plan
 from asaf_fx.calibration.calibrate import fingerprint
 from asaf_fx.data import text_sha256
 from asaf_fx.inspection import model_totals
 from asaf_fx.passes.infra import META_KEY
 from asaf_fx.passes.quantize.reuse import reuse_quantized_weights
-from asaf_fx.pipeline import Prepared, RunConfig, fp16_bytes, measure_base, prepare, solve_plan
+from asaf_fx.pipeline import Prepared, RunConfig, fp16_bytes, measure_base, prepare
 from asaf_fx.plan import Plan, uniform_plan
 from asaf_fx.table import SensitivityTable
 
@@ -145,9 +146,11 @@ def _curve(model: str | os.PathLike, out: str | os.PathLike, budgets: tuple[floa
     path = out / "curve.json"
     measurements = _Measurements(path, settings_of(prepared))
     if measurements.base is None:
-        ppl_fp, ppl_base, totals = measure_base(prepared, console)
-        measurements.base = {"ppl_fp": ppl_fp, "ppl_base": ppl_base, "dense_flops": totals["dense_flops"],
-                             "fp16_bytes": fp16_bytes(totals), "base_bytes": int(totals["weight_bytes"])}
+        measured = measure_base(prepared, console)
+        totals = measured.totals
+        measurements.base = {"ppl_fp": measured.ppl_fp, "ppl_base": measured.ppl_base,
+                             "dense_flops": totals["dense_flops"], "fp16_bytes": fp16_bytes(totals),
+                             "base_bytes": int(totals["weight_bytes"])}
     else:
         console.print(f"reusing {len(measurements.by_channels)} measured model(s) and the base's perplexity "
                       f"{measurements.base['ppl_base']:.4f} from {path}")

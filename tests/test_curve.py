@@ -10,7 +10,7 @@ from rich.console import Console
 
 import asaf_fx
 from asaf_fx import __main__ as entry
-from asaf_fx import pipeline, tradeoff
+from asaf_fx import budget_search, pipeline, tradeoff
 from asaf_fx.cli import curve as curve_cli
 from asaf_fx.inspection import model_totals
 
@@ -76,7 +76,7 @@ def more(top, inputs, argv):
     second compile and run again: (out, result, printout, plans compiled after the interruption,
     plans compiled before it, the middle budget)."""
     out, first, _, _ = top
-    mid = pipeline.solve_plan(first.table, TOP, 1.0).predicted_degradation / 2  # prunes some, not all
+    mid = budget_search.solve_plan(first.table, TOP, 1.0).predicted_degradation / 2  # prunes some, not all
     budgets = f"1e-9,{mid},{TOP},{2 * TOP}"
     with pytest.MonkeyPatch.context() as monkeypatch:
         cut, _, before = curve(argv, inputs, out, budgets, monkeypatch, fail_at=2)
@@ -148,7 +148,7 @@ def test_a_point_agrees_with_a_direct_compile_of_its_plan(more, inputs):
 
     _, result, _, _, before, mid = more
     point = result.points[1]
-    plan = pipeline.solve_plan(result.table, mid, 1.0)
+    plan = budget_search.solve_plan(result.table, mid, 1.0)
     assert 0 < point["asaf"]["flops_removed"] < result.points[2]["asaf"]["flops_removed"]  # a middle plan
     assert point["groups"] == [[g.start, g.stop, g.sparsity] for g in plan.groups] == [
         [g.start, g.stop, g.sparsity] for g in before[0].groups]

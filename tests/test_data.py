@@ -6,6 +6,8 @@ import torch
 
 from asaf_fx.data import (
     EMBEDDED,
+    calibration_windows,
+    check_windows,
     data_dir,
     perplexity,
     read_joined,
@@ -35,6 +37,23 @@ def test_token_windows_cut_without_overlap():
     assert w.tolist() == [[97, 98, 99], [100, 101, 102], [103, 104, 105]]
     with pytest.raises(ValueError, match="only 3 windows of 3"):
         token_windows(_CharTokenizer(), "abcdefghij", seq_len=3, n_windows=4)
+
+
+def test_check_windows_share_no_token_with_the_calibration_draw(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("".join(chr(0x100 + i) for i in range(400)), encoding="utf-8")  # a token is its position
+    drawn = set(calibration_windows(_CharTokenizer(), path, 6, 10, seed=3).flatten().tolist())
+    checks = check_windows(_CharTokenizer(), path, 3, 40, avoid=(6, 10, 3))
+    assert checks.shape == (3, 40)
+    assert not drawn & set(checks.flatten().tolist())
+    starts = [int(w[0]) - 0x100 for w in checks]
+    assert all(start % 40 == 0 for start in starts) and starts == sorted(starts)
+    free = [s for s in range(0, 400, 40) if not drawn & set(range(0x100 + s, 0x100 + s + 40))]
+    assert starts == free[-3:]  # the last free windows, in text order
+    assert torch.equal(check_windows(_CharTokenizer(), path, None, 40, avoid=(6, 10, 3)),
+                       torch.stack([torch.arange(0x100 + s, 0x100 + s + 40) for s in free]))
+    with pytest.raises(ValueError, match=f"has {len(free)} windows of 40 tokens outside the calibration"):
+        check_windows(_CharTokenizer(), path, len(free) + 1, 40, avoid=(6, 10, 3))
 
 
 def test_perplexity_of_uniform_logits_is_the_vocab_size():

@@ -46,11 +46,15 @@ def test_summary_is_complete_and_consistent(generous):
     out, result, printed = generous
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(result.summary))
-    assert summary["budget"] == 10 and summary["budget_met"] and len(summary["rounds"]) == 1
+    assert summary["budget"] == 10 and summary["budget_met"]
+    # round 1 prunes every layer at the top level, far within the budget; a larger δ cannot do more
+    assert [r.get("same_plan_as_round") for r in summary["rounds"]] == [None, 1]
     assert summary["eval_windows"] == 2 and summary["seq_len"] == 64
     assert "evaluating on 2 windows × 64 tokens" in printed and "ASAF plan" in printed
     assert summary["measured_degradation"] == summary["ppl_asaf"] / summary["ppl_base"] - 1
-    assert summary["measured_degradation"] == summary["rounds"][0]["measured_degradation"]
+    assert summary["check_windows"] == 2 and "the rounds measure on 2 windows × 64 tokens" in printed
+    assert summary["check_degradation"] == summary["rounds"][0]["measured_degradation"]  # chosen on check text
+    assert summary["budget_met_on_check"] and summary["ppl_check_base"] > 1
     assert summary["predicted_degradation"] == result.plan.predicted_degradation
     assert 0 < summary["flops_ratio"] < 1
     assert summary["flops_ratio"] == pytest.approx(summary["plan_flops_ratio"], abs=1e-9)
@@ -125,13 +129,15 @@ def test_run_config_refuses_what_the_run_cannot_do(kwargs, message):
         asaf_fx.RunConfig(**kwargs)
 
 
-def test_an_overshooting_plan_is_tightened_and_rounds_are_bounded(generous, inputs, tmp_path, monkeypatch, argv):
-    """Every ASAF model measures 50% worse than it is: each round overshoots; δ shrinks as documented."""
-    first, _, _ = generous
+def rerun_with(first: Path, tmp_path: Path, monkeypatch, factor: float):
+    """OUT with the first run's table, and ``_ppl`` that makes every pruned ASAF model ``factor``×
+    worse; returns OUT and the (plan, windows) of each perplexity measured, and the δ solved at."""
+    from asaf_fx import budget_search
+
     out = tmp_path / "out"
     out.mkdir()
     shutil.copy(first / "table.safetensors", out / "table.safetensors")  # settings match: reused
-    real_solve, real_ppl, asked = pipeline.solve, pipeline._ppl, []
+    real_solve, real_ppl, calls, asked = budget_search.solve, pipeline._ppl, [], []
 
     def solve(table, delta, **kwargs):
         asked.append(delta)
@@ -139,52 +145,47 @@ def test_an_overshooting_plan_is_tightened_and_rounds_are_bounded(generous, inpu
 
     def ppl(model, windows):
         plan = getattr(model, "plan", None)
-        return real_ppl(model, windows) * (1.5 if plan is not None and plan.method != "uniform" else 1.0)
+        calls.append((plan, windows))
+        pruned = plan is not None and plan.method != "uniform" and plan.flops_ratio < 1
+        return real_ppl(model, windows) * (factor if pruned else 1.0)
 
-    monkeypatch.setattr(pipeline, "solve", solve)
+    monkeypatch.setattr(budget_search, "solve", solve)
     monkeypatch.setattr(pipeline, "_ppl", ppl)
+    return out, calls, asked
+
+
+def test_rounds_choose_on_check_windows_and_only_the_kept_plan_meets_the_evaluation_text(generous, tmp_path,
+                                                                                         monkeypatch, inputs, argv):
+    out, calls, _ = rerun_with(generous[0], tmp_path, monkeypatch, 1.0)
+    real_prepare, prepared = pipeline.prepare, []
+    monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: prepared.append(real_prepare(*a, **k)) or prepared[-1])
+    result, _ = run(argv(inputs, out, "--max-degradation", "10"))
+    eval_ids, check_ids = prepared[0].eval_ids, prepared[0].check_ids
+    assert not {tuple(w) for w in check_ids.tolist()} & {tuple(w) for w in eval_ids.tolist()}
+    measured_on = {"eval": [], "check": []}
+    for plan, windows in calls:
+        if plan is not None and plan.method == "exact":
+            assert torch.equal(windows, eval_ids) or torch.equal(windows, check_ids)
+            measured_on["eval" if torch.equal(windows, eval_ids) else "check"].append(plan.groups)
+    assert measured_on == {"check": [result.plan.groups], "eval": [result.plan.groups]}
+
+
+def test_overshooting_plans_are_tightened_and_when_none_fits_the_model_stays_dense(generous, inputs, tmp_path,
+                                                                                    monkeypatch, argv):
+    """Every pruned model measures 1.5× its perplexity: each round overshoots; δ shrinks as documented."""
+    out, calls, asked = rerun_with(generous[0], tmp_path, monkeypatch, 1.5)
     result, printed = run(argv(inputs, out, "--max-degradation", "0.01", "--rounds", "2"))
     summary, rounds = result.summary, result.summary["rounds"]
     assert "reusing the finished table" in printed
     assert len(rounds) == 2 and asked[0] == 0.01  # bounded by --rounds
     assert rounds[0]["measured_degradation"] > 0.01
     assert asked[1] == pytest.approx(0.01 * 0.01 / rounds[0]["measured_degradation"] * 0.9)
-    # solved at the tightened δ (or, where that prunes nothing, at the cheapest choice's cost)
-    assert rounds[1]["max_degradation"] == asked[-1]
-    assert not summary["budget_met"] and "BUDGET NOT MET" in printed
-    measured = [r["measured_degradation"] for r in rounds if "measured_degradation" in r]
-    assert summary["measured_degradation"] == min(measured)  # the best round is the one saved
-    assert json.loads((out / "summary.json").read_text())["budget_met"] is False
-
-
-def test_after_an_overshoot_a_dense_plan_is_replaced_by_the_cheapest_pruning(generous, inputs, tmp_path, monkeypatch,
-                                                                             argv):
-    """A tightened δ below every charged cost would give the dense plan, which measures 0 by construction."""
-    from asaf_fx.solvers.problem import charged_degradation
-
-    first, _, _ = generous
-    out = tmp_path / "out"
-    out.mkdir()
-    shutil.copy(first / "table.safetensors", out / "table.safetensors")
-    real_solve, real_ppl, asked = pipeline.solve, pipeline._ppl, []
-
-    def solve(table, delta, **kwargs):
-        asked.append(delta)
-        return real_solve(table, delta, **kwargs)
-
-    def ppl(model, windows):  # every pruned model measures 1000× worse: round 2's δ is tiny
-        plan = getattr(model, "plan", None)
-        return real_ppl(model, windows) * (1000.0 if plan is not None and plan.method != "uniform" else 1.0)
-
-    monkeypatch.setattr(pipeline, "solve", solve)
-    monkeypatch.setattr(pipeline, "_ppl", ppl)
-    result, _ = run(argv(inputs, out, "--max-degradation", "0.01", "--rounds", "2"))
-    rounds = result.summary["rounds"]
-    table = asaf_fx.SensitivityTable.load(out / "table.safetensors")
-    cheapest = float(np.nanmin(charged_degradation(table)[:, :, table.sparsities > 0]))
-    assert asaf_fx.solve(table, asked[1], allow_dense=True).flops_ratio == 1.0  # the tightened δ: dense
-    assert asked[2] == pytest.approx(cheapest) and rounds[1]["max_degradation"] == asked[2]
-    assert rounds[1]["flops_ratio"] < 1.0  # what round 2 measured is a real pruning
+    # solved at the tightened δ or, where that prunes nothing, at the cheapest choice's cost
+    assert rounds[1]["max_degradation"] == asked[-1] and rounds[1]["flops_ratio"] < 1
+    assert "the model stays dense" in printed and result.plan.layer_sparsity == (0.0,) * 4
+    assert summary["flops_ratio"] == 1.0 and summary["check_degradation"] == 0.0
+    assert summary["ppl_asaf"] == summary["ppl_base"] and summary["budget_met"]
+    assert json.loads((out / "plan.json").read_text())["method"] == "dense"
 
 
 def test_the_summary_says_when_uniform_sparsity_rounds_to_no_channels(generous):

@@ -119,8 +119,9 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", type=Path, help="calibration text; default: the WikiText-2 validation split")
     parser.add_argument("--eval-text", type=Path, help="evaluation text; default: the WikiText-2 test split")
     parser.add_argument("--eval-windows", type=int_at_least(0), default=DEFAULT_EVAL_WINDOWS,
-                        help=f"evaluation windows from the start of --eval-text; 0: every whole window, which "
-                        f"takes longer (default {DEFAULT_EVAL_WINDOWS})")
+                        help=f"evaluation windows from the start of --eval-text (run: and as many check windows "
+                        f"of --text outside the calibration windows); 0: every whole window, which takes longer "
+                        f"(default {DEFAULT_EVAL_WINDOWS})")
     parser.add_argument("--seq-len", type=int_at_least(1), default=2048, help="evaluation window tokens (default 2048)")
     parser.add_argument("--windows", type=int_at_least(1), default=8, help="calibration windows (default 8)")
     parser.add_argument("--cal-seq-len", type=int_at_least(1), default=256,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one command, about 9 minutes on one H200 with the defaults:
 #   1. exactness of every GEMM path against the reference op, on the GPU (kernel tests);
-#   2. the kernel table (benchmarks/kernels.py: each path at M = 1, 16, 2048 for 4096→11008 and
+#   2. the kernel table (benchmarks/gemm_table.py: each path at M = 1, 16, 2048 for 4096→11008 and
 #      11008→4096, CUDA-graph timings);
 #   3. the model bench, all 32 decoder layers of Llama-2-7B shapes, one process per variant, so that
 #      one failure or time-out costs only its own cell.
@@ -49,7 +49,7 @@ fi
 if [[ " $parts " == *" kernels "* ]]; then
     stamp "kernel table"
     # shellcheck disable=SC2086
-    timeout "${KERNELS_S:-120}" $py benchmarks/kernels.py --m ${KERNEL_M:-1 16 2048} \
+    timeout "${KERNELS_S:-120}" $py benchmarks/gemm_table.py --m ${KERNEL_M:-1 16 2048} \
         --shapes ${KERNEL_SHAPES:-4096x11008 11008x4096} --out "$out/kernels.json" \
         >"$out/kernels.log" 2>&1
     echo "exit $?"; cut -c1-400 "$out/kernels.log" | tail -25

@@ -31,7 +31,7 @@ def test_triton_on_cpu_without_interpreter_is_explained(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_benchmark_measures_nothing_without_gpu(capsys):
-    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "kernels.py"
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "gemm_table.py"
     spec = importlib.util.spec_from_file_location("bench_kernels", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,6 +1,6 @@
 """Every INT4 GEMM path against torch fp16 matmul on a CUDA GPU: exactness, time, TFLOP/s, × fp16.
 
-    python benchmarks/kernels.py [--m 1 16 512 2048 8192] [--shapes 4096x11008 11008x4096] [--out FILE.json]
+    python benchmarks/gemm_table.py [--m 1 16 512 2048 8192] [--shapes 4096x11008 11008x4096] [--out FILE.json]
 
 For each linear shape K→N and token count M, each path computes y = x @ W.T on the same packed
 INT4 weight (per-channel scales, fp16 output):

@@ -248,7 +248,7 @@ class Prepared:
 
     @property
     def prune(self) -> PruneConfig:
-        return PruneConfig(granularity=self.config.calibration.granularity)
+        return PruneConfig(granularity=self.config.calibration.granularity, refit=self.config.calibration.refit)
 
     def build(self, plan: Plan | None, decode: bool = False):
         """``plan`` compiled (None: the unpruned rotated-quantized base) with the run's quantization,

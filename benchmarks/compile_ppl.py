@@ -1,7 +1,7 @@
 """WikiText-2 perplexity of SmolLM2-135M compiled by ``asaf_fx.compile`` at any setting.
 
     python benchmarks/compile_ppl.py [--w-bits 4] [--a-bits 4] [--kv-bits 4] [--w-method gptq|rtn]
-        [--group-size G] [--a-clip 0.9|mse] [--no-rotate] [--sparsity 0.1 [--refit]] [--windows 8]
+        [--group-size G] [--a-clip 0.9|mse] [--no-rotate] [--sparsity 0.1 [--no-refit]] [--windows 8]
         [--calibration 32] [--overrides JSON] [--a8-layers K [--a8-gains FILE]] [--fp]
 
 Calibration: ``--calibration`` windows of 512 tokens drawn (seed 0) from the WikiText-2 *validation*
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--a-clip", type=clip_ratio, default=1.0, help="a ratio in (0, 1], or 'mse' (per linear)")
     parser.add_argument("--no-rotate", action="store_true")
     parser.add_argument("--sparsity", type=float, default=0.0)
-    parser.add_argument("--refit", action="store_true", help="least-squares down_proj refit when pruning")
+    parser.add_argument("--no-refit", action="store_true", help="no ridge refit of down_proj when pruning")
     parser.add_argument("--overrides", type=json.loads, default={})
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--calibration", type=int, default=32)
@@ -86,14 +86,15 @@ def main() -> None:
     plan = uniform_plan(model.config.num_hidden_layers, args.sparsity) if args.sparsity else None
     started = time.perf_counter()
     cm = asaf_fx.compile(model, plan, quant=quant, calibration=calibration, decode=False,
-                         prune=asaf_fx.PruneConfig(refit=args.refit))
+                         prune=asaf_fx.PruneConfig(refit=not args.no_refit))
     spent = time.perf_counter() - started
     ppl = perplexity(lambda ids: cm(ids).logits, test)
     totals = model_totals(cm)
+    refit = " no refit" if args.no_refit else " refit"
     line = (f"SmolLM2-135M · {'rotated' if quant.rotate else 'unrotated'} "
             f"W{quant.w_bits}A{quant.a_bits}KV{quant.kv_bits} "
             f"{quant.w_method} group {quant.w_group_size or 'channel'} a_clip {quant.a_clip}"
-            f"{f' · uniform sparsity {args.sparsity:g}' + (' refit' if args.refit else '') if args.sparsity else ''}"
+            f"{f' · uniform sparsity {args.sparsity:g}' + refit if args.sparsity else ''}"
             f"{f' · overrides {json.dumps(args.overrides)}' if args.overrides else ''}"
             f"{f' · 8-bit inputs in layers {layers}' if args.a8_layers else ''} · "
             f"{test.shape[0]} test windows × 2048 · PPL {ppl:.3f}")

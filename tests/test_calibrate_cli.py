@@ -14,6 +14,7 @@ from asaf_fx.calibration import calibrate as engine
 from asaf_fx.calibration.measure import DegradationMeter
 from asaf_fx.calibration.runner import progress_files
 from asaf_fx.cli import calibrate
+from asaf_fx.passes.prune.channel_selection import RIDGE
 from asaf_fx.pipeline import default_quant
 from asaf_fx.solvers.problem import charged_degradation
 
@@ -57,6 +58,7 @@ def test_the_table_loads_solves_and_records_what_was_measured(groups_table):
     assert table.num_layers == 4 and list(table.sparsities) == [0.1, 0.2]
     assert table.meta["metric"] == "ppl" and table.meta["mode"] == "groups"
     assert table.meta["quant"]["a_clip"] == "mse"  # the setting asked for: a rerun searches the same way
+    assert table.meta["refit_ridge"] == RIDGE  # pruned layers were measured with compile's default refit
     # groups of length 1 and 2 measured (4 + 3 starts × 2 levels), longer ones estimated
     assert table.measured[:, :2].sum() == 14 and not table.measured[:, 2:].any()
     assert np.isfinite(table.degradation[0, 3]).all()  # the whole-model group got an estimate
@@ -100,6 +102,9 @@ def test_interrupt_and_resume_give_the_identical_table(groups_table, model_dir, 
     assert (
         calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "0.9")) == 2
     )
+    # and so is progress measured without the down_proj refit
+    assert calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "mse",
+                               "--no-refit")) == 2
     monkeypatch.undo()
     assert (
         calibrate.main(argv(model_dir, text_file, out, "--mode", "groups", "--max-length", "2", "--a-clip", "mse")) == 0
@@ -207,6 +212,7 @@ def test_the_python_api_measures_what_the_cli_measures(model_dir, text_file, gro
     ({"sparsities": (0.2, 0.1)}, "strictly increasing"),
     ({"metric": "mse"}, "metric"),
     ({"windows": 0}, "windows must be at least 1"),
+    ({"refit": 1}, "refit must be True or False"),
 ])
 def test_calibration_config_names_what_is_wrong(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -35,19 +35,20 @@ def run_with(cal, ids, assignment):
 # re-calibrates the layers after a pruned one on its outputs; the table measures the base's).
 # Calibration runs simulated kernels: equal up to float rounding, which can flip an activation
 # code now and then (seen with GPTQ weights at A8: 3e-3), hence A16 with GPTQ here.
-@pytest.mark.parametrize("quant,layer", [
-    (asaf_fx.QuantConfig(), 0),
-    (asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn", a_clip=0.9), 0),
-    (asaf_fx.QuantConfig(w_bits=4, a_bits=16, kv_bits=8, w_method="gptq"), 1),
-], ids=["rotation-only", "w4a4kv4-rtn", "w4a16kv8-gptq"])
-def test_variant_equals_compile_with_a_plan_pruning_that_layer(tiny_models, tiny_ids, h, quant, layer):
+@pytest.mark.parametrize("quant,layer,refit", [
+    (asaf_fx.QuantConfig(), 0, True),
+    (asaf_fx.QuantConfig(), 0, False),
+    (asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn", a_clip=0.9), 0, True),
+    (asaf_fx.QuantConfig(w_bits=4, a_bits=16, kv_bits=8, w_method="gptq"), 1, True),
+], ids=["rotation-only", "rotation-only-no-refit", "w4a4kv4-rtn", "w4a16kv8-gptq"])
+def test_variant_equals_compile_with_a_plan_pruning_that_layer(tiny_models, tiny_ids, h, quant, layer, refit):
     model = tiny_models["llama"]
-    cal = build_calibration_model(model, quant, CALIBRATION, SPARSITIES, granularity=32)
+    cal = build_calibration_model(model, quant, CALIBRATION, SPARSITIES, granularity=32, refit=refit)
     assert cal.removed == [[32, 64], [32, 64]]
     base = asaf_fx.compile(model, quant=quant, calibration=CALIBRATION, decode=False)
     assert h.rel_err(run_with(cal, tiny_ids, {}), base(tiny_ids).logits) < 1e-3
     pruned = asaf_fx.compile(model, one_layer_plan(2, layer, SPARSITIES[1]), quant=quant, calibration=CALIBRATION,
-                             decode=False, prune=asaf_fx.PruneConfig(granularity=32))
+                             decode=False, prune=asaf_fx.PruneConfig(granularity=32, refit=refit))
     got = run_with(cal, tiny_ids, {layer: 1})
     assert h.rel_err(got, pruned(tiny_ids).logits) < 1e-3
     assert h.rel_err(got, base(tiny_ids).logits) > 1e-2  # the variant really changed something

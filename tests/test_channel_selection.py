@@ -59,7 +59,22 @@ def test_refit_reproduces_the_unpruned_output_better_than_dropping():
     keep = channels_to_keep(channel_importance(down, torch.diagonal(gram)), remove=8)
     target = h @ down.T
     dropped = h[:, keep] @ down[:, keep].T
-    refit = h[:, keep] @ refit_down_proj(down, gram, keep, damp=1e-6).T
+    refit = h[:, keep] @ refit_down_proj(down, gram, keep, ridge=1e-6).T
     error_drop = float((dropped - target).norm() / target.norm())
     error_refit = float((refit - target).norm() / target.norm())
     assert error_refit < 0.01 < error_drop  # 32 channels still span the rank-24 signal
+
+
+def test_ridge_moves_the_refit_from_least_squares_to_no_refit():
+    generator = torch.Generator().manual_seed(1)
+    h = torch.randn(4096, 12, generator=generator) @ torch.randn(12, 24, generator=generator)
+    down = torch.randn(8, 24, generator=generator, dtype=torch.float64)
+    gram = (h.T @ h / h.shape[0]).to(torch.float64)
+    keep = torch.arange(0, 24, 2)
+    target = h.to(torch.float64) @ down.T
+    errors = [float((h[:, keep].to(torch.float64) @ refit_down_proj(down, gram, keep, ridge=r).T - target).norm())
+              for r in (1e-6, 1e-2, 1.0, 1e2)]
+    assert errors == sorted(errors) and errors[0] < 0.5 * errors[-1]  # the fit worsens as the ridge grows
+    assert torch.allclose(refit_down_proj(down, gram, keep, ridge=1e9), down[:, keep], atol=1e-6)
+    with pytest.raises(ValueError, match="ridge must be positive"):
+        refit_down_proj(down, gram, keep, ridge=0.0)

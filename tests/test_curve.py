@@ -5,6 +5,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 
@@ -13,6 +14,7 @@ from asaf_fx import __main__ as entry
 from asaf_fx import budget_search, pipeline, tradeoff
 from asaf_fx.cli import curve as curve_cli
 from asaf_fx.inspection import model_totals
+from asaf_fx.solvers.problem import charged_degradation
 
 LAYERS = 2
 REAL_COMPILE = pipeline.compile_model
@@ -26,7 +28,9 @@ def inputs(h, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def argv(h):
-    return h.pipeline_argv
+    # Without the down_proj refit the tiny table has an uneven plan whose uniform twin prunes too:
+    # which models get compiled, and when, is what these tests are about.
+    return lambda inputs, out, *extra: h.pipeline_argv(inputs, out, *extra, "--no-refit")
 
 
 class Compiles:
@@ -70,13 +74,26 @@ def top(inputs, tmp_path_factory, argv):
     return out, result, printed, plans
 
 
+def uneven_budget(table) -> float:
+    """A budget between the cheapest single choice and the densest plan whose plan prunes the
+    layers unevenly and removes enough that its uniform twin prunes too (at least one 32-channel
+    block, 0.1 of a layer, per layer): two more models to compile."""
+    cheapest = float(np.nanmin(charged_degradation(table, 1.0)[:, :, table.sparsities > 0]))
+    densest = budget_search.solve_plan(table, TOP, 1.0).predicted_degradation
+    for delta in np.linspace(cheapest, densest, 32) * (1 + 1e-9):
+        plan = budget_search.solve_plan(table, float(delta), 1.0)
+        if len({g.sparsity for g in plan.groups}) > 1 and plan.flops_ratio < 0.93:
+            return float(delta)
+    pytest.fail("no budget of the tiny table gives an uneven plan")
+
+
 @pytest.fixture(scope="module")
 def more(top, inputs, argv):
     """The same OUT with a dense budget and one in the middle added, interrupted by Ctrl-C in its
     second compile and run again: (out, result, printout, plans compiled after the interruption,
     plans compiled before it, the middle budget)."""
     out, first, _, _ = top
-    mid = budget_search.solve_plan(first.table, TOP, 1.0).predicted_degradation / 2  # prunes some, not all
+    mid = uneven_budget(first.table)
     budgets = f"1e-9,{mid},{TOP},{2 * TOP}"
     with pytest.MonkeyPatch.context() as monkeypatch:
         cut, _, before = curve(argv, inputs, out, budgets, monkeypatch, fail_at=2)
@@ -158,7 +175,7 @@ def test_a_point_agrees_with_a_direct_compile_of_its_plan(more, inputs):
     model = AutoModelForCausalLM.from_pretrained(inputs["model"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(inputs["model"])
     quant = asaf_fx.QuantConfig.from_dict(result.curve["quant"])  # the CLI's defaults, with --w-method rtn
-    compiled = asaf_fx.compile(model, plan, quant=quant, prune=asaf_fx.PruneConfig(granularity=32),
+    compiled = asaf_fx.compile(model, plan, quant=quant, prune=asaf_fx.PruneConfig(granularity=32, refit=False),
                                calibration=calibration_windows(tokenizer, inputs["text"], 4, 32, seed=0))
     totals = model_totals(compiled)
     eval_ids = token_windows(tokenizer, read_text(inputs["eval"]), 64, 2)

@@ -31,6 +31,7 @@ from asaf_fx.calibration.variants import CalibrationModel, build_calibration_mod
 from asaf_fx.compile import calibration_batches
 from asaf_fx.config import QuantConfig
 from asaf_fx.data import calibration_windows, text_sha256, wikitext2_valid_path
+from asaf_fx.passes.prune.channel_selection import RIDGE
 from asaf_fx.table import SensitivityTable
 
 DEFAULT_SPARSITIES = tuple(round(0.01 * k, 2) for k in range(1, 16))
@@ -44,8 +45,9 @@ class CalibrationConfig:
     ``groups`` also measures every group of up to ``max_length`` layers; ``full`` measures all.
     ``windows`` windows of ``seq_len`` tokens fit GPTQ and the channel choice, as many other ones
     measure ξ. ``metric``: ``ppl`` (relative perplexity rise) or ``kl`` (mean KL to the unpruned
-    model). ``granularity``: channels removed per block. ``validate``: also measure that many
-    random plans and compare them with the table's prediction.
+    model). ``granularity`` and ``refit`` (the ridge refit of down_proj over the kept channels):
+    how pruning is done, as in the :class:`PruneConfig` the plan will be compiled with.
+    ``validate``: also measure that many random plans and compare them with the table's prediction.
     """
 
     mode: str = "per-layer"
@@ -56,6 +58,7 @@ class CalibrationConfig:
     seed: int = 0
     metric: str = "ppl"
     granularity: int = 32
+    refit: bool = True
     validate: int = 0
     budget: float = 0.01
 
@@ -79,6 +82,8 @@ class CalibrationConfig:
         for name in ("windows", "seq_len", "granularity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not isinstance(self.refit, bool):
+            raise ValueError(f"refit must be True or False, got {self.refit!r}")
         if self.metric not in METRICS:
             raise ValueError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
         if not math.isfinite(self.budget) or self.budget <= 0:
@@ -119,6 +124,8 @@ def fingerprint(model_name: str, model, text: Path, config: CalibrationConfig, q
         "metric": config.metric,
         "quant": quant.to_dict(),
         "granularity": config.granularity,
+        # only when on, so progress measured without the refit (before it existed) is still read
+        **({"refit_ridge": RIDGE} if config.refit else {}),
         "sparsities": list(config.sparsities),
         "torch": torch.__version__,
     }
@@ -283,7 +290,7 @@ def _calibrate(model, tokenizer, quant: QuantConfig, text: Path, config: Calibra
                   f"on {config.windows} other windows ...")
     levels = len(config.sparsities)
     cal = build_calibration_model(model, quant, fit, config.sparsities, config.granularity,
-                                  cache_size=(config.max_length or 1) * levels + levels)
+                                  cache_size=(config.max_length or 1) * levels + levels, refit=config.refit)
     meter = DegradationMeter(cal, batches, config.metric)
     built = time.perf_counter() - started
     entries = planned_entries(cal.num_layers, levels, config.mode, config.max_length)
@@ -315,7 +322,8 @@ def _calibrate(model, tokenizer, quant: QuantConfig, text: Path, config: Calibra
     meta = {
         "model": name, "metric": config.metric, "mode": config.mode, "max_length": config.max_length,
         "text": str(text), "windows": config.windows, "seq_len": config.seq_len, "seed": config.seed,
-        "quant": quant.to_dict(), "granularity": config.granularity, "estimate": estimate,
+        "quant": quant.to_dict(), "granularity": config.granularity,
+        "refit_ridge": RIDGE if config.refit else None, "estimate": estimate,
         "layer_forwards": meter.layer_forwards * world, "batches": len(batches),
         "time_s": {"build": round(built, 1), "measure": round(measured_s, 1)},
         "removed_channels": cal.removed, "health": health(degradation[:, 0, :]),

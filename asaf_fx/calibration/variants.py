@@ -3,18 +3,19 @@
 :func:`build_calibration_model` runs ``asaf_fx.compile``'s passes on the forward graph, and where
 compile would prune (after the residual rotation, before the online Hadamards) it records what a
 pruned layer needs instead: each MLP's channel importance (from the rotated float model, as
-compile chooses channels), its dense down_proj weight, and, during GPTQ, the statistics of
-down_proj's input. The linears are then lowered with *simulated* kernels — dequantized weights in
-float GEMMs, activations quantized and dequantized in the graph — which compute what the INT4
-kernels compute up to float rounding (``tests/test_lower_linears.py``), at float-GEMM speed on the
-CPU and with weights that are plain tensors to slice.
+compile chooses channels), its dense down_proj weight and, where compile refits down_proj, the
+statistics that refit solves with; and, during GPTQ, the statistics of down_proj's input. The
+linears are then lowered with *simulated* kernels — dequantized weights in float GEMMs,
+activations quantized and dequantized in the graph — which compute what the INT4 kernels compute
+up to float rounding (``tests/test_lower_linears.py``), at float-GEMM speed on the CPU and with
+weights that are plain tensors to slice.
 
 :meth:`CalibrationModel.variant` gives the tensors decoder layer ``i`` reads when pruned at
 ``sparsities[k]``, as compile would build them for a plan pruning that layer: gate/up rows of the
-removed channels dropped, the kept down_proj columns rotated by the Hadamard of the new width and
-quantized again (GPTQ with the input statistics restricted to the kept channels and rotated the
-same way). The other layers keep their base weights: a table entry measures pruning one group of
-an otherwise unpruned quantized model.
+removed channels dropped, the kept down_proj columns (refitted as compile refits them) rotated by
+the Hadamard of the new width and quantized again (GPTQ with the input statistics restricted to
+the kept channels and rotated the same way). The other layers keep their base weights: a table
+entry measures pruning one group of an otherwise unpruned quantized model.
 """
 
 from __future__ import annotations
@@ -34,8 +35,13 @@ from asaf_fx.passes.layerwise import LayerwiseRunner
 from asaf_fx.passes.linear_stats import LinearStats
 from asaf_fx.passes.lower.lower_linears import LinearLowering
 from asaf_fx.passes.patterns import SwiGLU, find_swiglus
-from asaf_fx.passes.prune.channel_selection import channels_to_keep, channels_to_remove, mlp_channel_flops
-from asaf_fx.passes.prune.prune_mlp import channel_importances, layer_linear_flops
+from asaf_fx.passes.prune.channel_selection import (
+    channels_to_keep,
+    channels_to_remove,
+    mlp_channel_flops,
+    refit_down_proj,
+)
+from asaf_fx.passes.prune.prune_mlp import channel_statistics, layer_linear_flops
 from asaf_fx.passes.rotate.rotations import online_rotation
 from asaf_fx.passes.split_layers import split_decoder_layers
 
@@ -80,13 +86,15 @@ class CalibrationModel:
 
     def __init__(self, runner: LayerwiseRunner, quant: QuantConfig, sites: list[MlpSite],
                  importances: list[torch.Tensor], dense_down: list[torch.Tensor], grams: list[torch.Tensor | None],
-                 layer_flops: list[int], sparsities: Sequence[float], granularity: int, cache_size: int) -> None:
+                 layer_flops: list[int], sparsities: Sequence[float], granularity: int, cache_size: int,
+                 refit_grams: list[torch.Tensor | None] | None = None) -> None:
         self.runner = runner
         self.quant = quant
         self.sites = sites
         self.importances = importances
         self.dense_down = dense_down
         self.grams = grams
+        self.refit_grams = refit_grams or [None] * len(dense_down)
         self.layer_flops = layer_flops
         self.sparsities = list(sparsities)
         self.removed = [[channels_to_remove(flops, site.hidden, site.width, s, granularity) for s in self.sparsities]
@@ -121,7 +129,10 @@ class CalibrationModel:
         keep = channels_to_keep(self.importances[layer], remove)
         tensors = {name: attr_tensor(module, name)[keep]
                    for name in (site.gate, site.up, site.gate_bias, site.up_bias) if name is not None}
-        down = self.dense_down[layer][:, keep].to(torch.float64)
+        dense = self.dense_down[layer]
+        refit = self.refit_grams[layer]
+        # compile stores the refitted weight in the graph's dtype before it rotates and quantizes it
+        down = (dense[:, keep] if refit is None else refit_down_proj(dense, refit, keep)).to(torch.float64)
         gram = None if self.grams[layer] is None else self.grams[layer][keep][:, keep]
         if site.rotation is not None:
             rotation = online_rotation(len(keep), self.quant.seed, "down")
@@ -139,9 +150,11 @@ class CalibrationModel:
 
 
 def build_calibration_model(model: torch.nn.Module, quant: QuantConfig, calibration, sparsities: Sequence[float],
-                            granularity: int = 32, cache_size: int = 64) -> CalibrationModel:
+                            granularity: int = 32, cache_size: int = 64, refit: bool = True) -> CalibrationModel:
     """Rotate, quantize and lower ``model``'s forward graph as ``asaf_fx.compile`` would (no plan),
     keeping what pruned variants of each layer need (see the module docstring).
+
+    ``granularity`` and ``refit`` are the :class:`PruneConfig` settings the table is for.
 
     ``calibration`` (token ids, as compile takes them) chooses channels and calibrates GPTQ.
     ``cache_size`` bounds how many built (layer, level) variants are kept in memory.
@@ -159,7 +172,8 @@ def build_calibration_model(model: torch.nn.Module, quant: QuantConfig, calibrat
 
     def record_instead_of_pruning(gm: GraphModule) -> None:
         runner = LayerwiseRunner(split_decoder_layers(gm))
-        found["importances"] = channel_importances(runner, [runner.start(batch, False) for batch in batches])
+        found["importances"], found["refit"] = channel_statistics(
+            runner, [runner.start(batch, False) for batch in batches], refit)
         found["flops"] = layer_linear_flops(gm)
         found["mlps"] = find_swiglus(gm)
         found["dense"] = [get_tensor(gm, mlp.down.args[1]).detach().clone() for mlp in found["mlps"]]
@@ -177,7 +191,7 @@ def build_calibration_model(model: torch.nn.Module, quant: QuantConfig, calibrat
     sites = found["sites"] if "sites" in found else _mlp_sites(forward, found["mlps"])
     grams = [_unrotated_gram(down_inputs.get(site.down), site, quant.seed) for site in sites]
     return CalibrationModel(LayerwiseRunner(split_decoder_layers(forward)), quant, sites, found["importances"],
-                            found["dense"], grams, found["flops"], sparsities, granularity, cache_size)
+                            found["dense"], grams, found["flops"], sparsities, granularity, cache_size, found["refit"])
 
 
 def _unrotated_gram(stats: LinearStats | None, site: MlpSite, seed: int) -> torch.Tensor | None:

@@ -107,6 +107,10 @@ def quant_config(args: argparse.Namespace, rotate: bool = True) -> QuantConfig:
                        overrides=args.overrides)
 
 
+NO_REFIT_HELP = ("keep the kept down_proj columns as they are instead of refitting them to the removed "
+                 "channels' contribution (PruneConfig.refit)")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model and --out of the commands that run the pipeline (``run``, ``curve``)."""
     parser.add_argument("--model", required=True, help="'smollm2', a transformers model directory or a .gguf file")
@@ -137,6 +141,7 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                              "on calibration text) from 4 to 8 bits, with --a-bits 4; 0: none (default)")
     parser.add_argument("--granularity", type=int_at_least(1), default=32, help="channels removed per block "
                                                                                 "(default 32)")
+    parser.add_argument("--no-refit", action="store_true", help=NO_REFIT_HELP)
     parser.add_argument("--seed", type=int, default=0, help="window choice and rotations (default 0)")
     parser.add_argument("--z", type=float, default=1.0,
                         help="standard errors charged on top of each table entry's ξ (default 1)")
@@ -150,7 +155,7 @@ def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace, **fiel
     try:
         calibration = CalibrationConfig(mode=args.mode, max_length=args.max_length, sparsities=args.sparsities,
                                         windows=args.windows, seq_len=args.cal_seq_len, seed=args.seed, metric="ppl",
-                                        granularity=args.granularity)
+                                        granularity=args.granularity, refit=not args.no_refit)
         return RunConfig(text=args.text, eval_text=args.eval_text, eval_windows=args.eval_windows,
                          seq_len=args.seq_len, a8_layers=args.a8_layers, z=args.z, quant=quant_config(args),
                          calibration=calibration, **fields)

@@ -15,7 +15,14 @@ from rich.console import Console
 from asaf_fx.calibration.calibrate import DEFAULT_SPARSITIES, CalibrationConfig, calibrate, calibration_text
 from asaf_fx.calibration.entries import MODES
 from asaf_fx.calibration.measure import METRICS
-from asaf_fx.cli.arguments import add_quant_arguments, int_at_least, quant_config, run_cli, sparsity_list
+from asaf_fx.cli.arguments import (
+    NO_REFIT_HELP,
+    add_quant_arguments,
+    int_at_least,
+    quant_config,
+    run_cli,
+    sparsity_list,
+)
 from asaf_fx.models import load_model
 
 
@@ -39,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-rotate", action="store_true", help="calibrate the unrotated model")
     parser.add_argument("--granularity", type=int_at_least(1), default=32, help="channels removed per block "
                                                                                 "(default 32)")
+    parser.add_argument("--no-refit", action="store_true", help=NO_REFIT_HELP)
     parser.add_argument("--validate", type=int, default=0, metavar="N",
                         help="also measure N random plans and compare with the table's prediction")
     parser.add_argument("--budget", type=float, default=0.01,
@@ -57,7 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.quant = quant_config(args, rotate=not args.no_rotate)
         args.config = CalibrationConfig(mode=args.mode, max_length=args.max_length, sparsities=args.sparsities,
                                         windows=args.windows, seq_len=args.seq_len, seed=args.seed,
-                                        metric=args.metric, granularity=args.granularity, validate=args.validate,
+                                        metric=args.metric, granularity=args.granularity, refit=not args.no_refit,
+                                        validate=args.validate,
                                         budget=args.budget)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))

@@ -107,10 +107,16 @@ def _down_inputs(runner: LayerwiseRunner, states: list[State], wanted: Callable[
         states[:] = [runner.run_layer(layer, state) for state in states]
 
 
-def channel_importances(runner: LayerwiseRunner, states: list[State]) -> list[torch.Tensor]:
-    """:func:`channel_importance` of every layer's MLP channels (see :func:`select_mlp_channels`)."""
-    return [channel_importance(down, stats.mean_square)
-            for _, _, down, stats in _down_inputs(runner, states, lambda _: True)]
+def channel_statistics(runner: LayerwiseRunner, states: list[State], refit: bool
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """What :func:`select_mlp_channels` decides from, for every layer: the :func:`channel_importance`
+    of its MLP channels and, with ``refit``, the ``E[h hᵀ]`` of down_proj's input its refit solves
+    with (else None)."""
+    importances, grams = [], []
+    for _, _, down, stats in _down_inputs(runner, states, lambda _: True):
+        importances.append(channel_importance(down, stats.mean_square))
+        grams.append(stats.hessian / stats.rows if refit else None)
+    return importances, grams
 
 
 def select_mlp_channels(

@@ -1,14 +1,15 @@
 """Does a ridge-regularised down_proj refit make uniform MLP pruning cheaper on SmolLM2-135M?
 
     python benchmarks/ridge_refit.py [--sparsity 0.1] [--ridges 1e-3,1e-2,1e-1,1,10]
-        [--w-bits 16 --a-bits 16 --kv-bits 16] [--test-windows 4]
+        [--w-bits 16 --a-bits 16 --kv-bits 16] [--calibration 32 --cal-len 512] [--test-windows 4]
 
 Every row compiles the rotated model (16 bits = not quantized; GPTQ weights otherwise) with a
-uniform plan, its channels chosen and its down_proj refitted on 32 × 512
-validation tokens (seed 0) with ``refit_down_proj(..., ridge=r)``; "none" keeps the kept columns
-as they are (the library's default). The ridge is to be chosen on ``held``: 4 validation windows of
-2048 tokens that share no token with the calibration draw; ``test`` is the first
-``--test-windows`` windows of the test split, reported beside it, not used for the choice.
+uniform plan, its channels chosen and its down_proj refitted on ``--calibration`` × ``--cal-len``
+validation tokens (seed 0; compile_ppl.py's 32 × 512 by default, the main job's is 8 × 256) with
+``refit_down_proj(..., ridge=r)``; "none" keeps the kept columns as they are. The ridge is to be
+chosen on ``held``: 4 validation windows of 2048 tokens that share no token with the calibration
+draw; ``test`` is the first ``--test-windows`` windows of the test split, reported beside it, not
+used for the choice.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ from asaf_fx.data import (
 from asaf_fx.passes.prune import channel_selection, prune_mlp
 from asaf_fx.plan import uniform_plan
 
-CALIBRATION = (32, 512, 0)  # windows, tokens, seed: compile_ppl.py's draw
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
@@ -43,14 +42,15 @@ def main() -> None:
     parser.add_argument("--w-bits", type=int, default=16)
     parser.add_argument("--a-bits", type=int, default=16)
     parser.add_argument("--kv-bits", type=int, default=16)
+    parser.add_argument("--calibration", type=int, default=32, help="calibration windows")
+    parser.add_argument("--cal-len", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--test-windows", type=int, default=4)
     args = parser.parse_args()
     console = Console()
 
     model, tokenizer = asaf_fx.load_model("smollm2")
-    n, length, seed = CALIBRATION
-    calibration = calibration_windows(tokenizer, wikitext2_valid_path(), n, length, seed=seed)
-    held = check_windows(tokenizer, wikitext2_valid_path(), 4, 2048, avoid=CALIBRATION)
+    calibration = calibration_windows(tokenizer, wikitext2_valid_path(), args.calibration, args.cal_len, seed=0)
+    held = check_windows(tokenizer, wikitext2_valid_path(), 4, 2048, avoid=(args.calibration, args.cal_len, 0))
     test = token_windows(tokenizer, read_joined(wikitext2_test_path()), 2048, args.test_windows or None)
     quant = asaf_fx.QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, w_method="gptq")
     plan = uniform_plan(model.config.num_hidden_layers, args.sparsity)

@@ -86,15 +86,15 @@ class CalibrationModel:
 
     def __init__(self, runner: LayerwiseRunner, quant: QuantConfig, sites: list[MlpSite],
                  importances: list[torch.Tensor], dense_down: list[torch.Tensor], grams: list[torch.Tensor | None],
-                 layer_flops: list[int], sparsities: Sequence[float], granularity: int, cache_size: int,
-                 refit_grams: list[torch.Tensor | None] | None = None) -> None:
+                 refit_grams: list[torch.Tensor | None], layer_flops: list[int], sparsities: Sequence[float],
+                 granularity: int, cache_size: int) -> None:
         self.runner = runner
         self.quant = quant
         self.sites = sites
         self.importances = importances
         self.dense_down = dense_down
         self.grams = grams
-        self.refit_grams = refit_grams or [None] * len(dense_down)
+        self.refit_grams = refit_grams  # E[h hᵀ] per layer where pruning refits down_proj, else None
         self.layer_flops = layer_flops
         self.sparsities = list(sparsities)
         self.removed = [[channels_to_remove(flops, site.hidden, site.width, s, granularity) for s in self.sparsities]
@@ -191,7 +191,7 @@ def build_calibration_model(model: torch.nn.Module, quant: QuantConfig, calibrat
     sites = found["sites"] if "sites" in found else _mlp_sites(forward, found["mlps"])
     grams = [_unrotated_gram(down_inputs.get(site.down), site, quant.seed) for site in sites]
     return CalibrationModel(LayerwiseRunner(split_decoder_layers(forward)), quant, sites, found["importances"],
-                            found["dense"], grams, found["flops"], sparsities, granularity, cache_size, found["refit"])
+                            found["dense"], grams, found["refit"], found["flops"], sparsities, granularity, cache_size)
 
 
 def _unrotated_gram(stats: LinearStats | None, site: MlpSite, seed: int) -> torch.Tensor | None:

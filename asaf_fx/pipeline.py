@@ -31,7 +31,7 @@ from rich.table import Table
 from asaf_fx._atomic import write_text_atomic
 from asaf_fx.budget_search import dense_plan, search
 from asaf_fx.calibration.activation_gains import BITS, ActivationGains, measure_activation_gains
-from asaf_fx.calibration.calibrate import CalibrationConfig, calibrate, fingerprint
+from asaf_fx.calibration.calibrate import CalibrationConfig, calibrate, fingerprint, fit_and_held
 from asaf_fx.calibration.progress import Progress
 from asaf_fx.checkpoint import save
 from asaf_fx.compile import compile as compile_model
@@ -167,8 +167,8 @@ def activation_bits_for(model_name: str, out: Path, config: RunConfig, loaded, t
                         console: Console) -> tuple[QuantConfig, dict[str, Any]]:
     """``config.quant`` with the ``a8_layers`` layers that gain most at 8 bits; and what to report.
 
-    The gains are measured like the table's ξ (fitted on the first ``calibration.windows``
-    calibration windows, measured on as many others) and kept in OUT/activation_gains.json, which a
+    The gains are measured like the table's ξ (fitted on the table's fitting windows, measured on
+    its held-out ones) and kept in OUT/activation_gains.json, which a
     rerun with the same settings reuses; an interrupted measurement resumes from its progress file.
     """
     cal = config.calibration
@@ -187,7 +187,7 @@ def activation_bits_for(model_name: str, out: Path, config: RunConfig, loaded, t
         console.print(f"reusing the measured activation gains {path}")
     else:
         model, tokenizer = loaded
-        windows = calibration_windows(tokenizer, text, 2 * cal.windows, cal.seq_len, seed=cal.seed)
+        fit, held = fit_and_held(tokenizer, text, cal)
         progress = Progress(path.with_name(path.name + ".progress.json"), wanted)  # entries (layer, 1, BITS)
         known = {layer: value for (layer, _, _), (value, _) in progress.values.items()}
         with ProgressBar(TextColumn("[bold]8-bit gain per layer"), BarColumn(), MofNCompleteColumn(),
@@ -198,7 +198,7 @@ def activation_bits_for(model_name: str, out: Path, config: RunConfig, loaded, t
                 progress.record((layer, 1, BITS), value)
                 bar.advance(task)
 
-            gains = measure_activation_gains(model, config.quant, windows[: cal.windows], windows[cal.windows:],
+            gains = measure_activation_gains(model, config.quant, fit, held,
                                              known=known, on_layer=record)
         write_text_atomic(path, json.dumps({**gains.to_dict(), "fingerprint": wanted}, indent=2) + "\n")
         progress.path.unlink()
@@ -288,12 +288,12 @@ def prepare(model_name: str, out: Path, config: RunConfig, console: Console, mod
         config = dataclasses.replace(config, quant=quant)  # the table is measured on the mixed-precision model
     cal = config.calibration
     table = table_for(model_name, out, config, (model, tokenizer), text, console)
-    cal_ids = calibration_windows(tokenizer, text, cal.windows, cal.seq_len, seed=cal.seed)
+    cal_ids = calibration_windows(tokenizer, text, cal.fit_windows, cal.seq_len, seed=cal.seed)
     check_ids = None
     if check:
         # Every window calibration draws (the table's fitting and held-out ones) is avoided.
         check_ids = check_windows(tokenizer, text, config.eval_windows or None, config.seq_len,
-                                  avoid=(2 * cal.windows, cal.seq_len, cal.seed))
+                                  avoid=(cal.drawn, cal.seq_len, cal.seed))
         console.print(f"the rounds measure on {check_ids.shape[0]} windows × {config.seq_len} tokens of {text} "
                       "that the calibration did not read")
     return Prepared(model_name, config, model, tokenizer, text, eval_text, eval_ids, cal_ids, check_ids, table,
@@ -383,7 +383,8 @@ def _run(model: str | os.PathLike, out: str | os.PathLike, config: RunConfig, co
         "base_bytes": int(base.totals["weight_bytes"]), "asaf_bytes": int(asaf_totals["weight_bytes"]),
         "eval_text": str(eval_text), "eval_windows": int(eval_ids.shape[0]), "seq_len": config.seq_len,
         "check_windows": int(prepared.check_ids.shape[0]),
-        "calibration_text": str(text), "calibration_windows": cal.windows, "calibration_seq_len": cal.seq_len,
+        "calibration_text": str(text), "calibration_windows": cal.windows,
+        "calibration_fit_windows": cal.fit_windows, "calibration_seq_len": cal.seq_len,
         "quant": config.quant.to_dict(), "activation_bits": activation_bits, "granularity": cal.granularity,
         "table_health": table.meta.get("health"), "z": config.z, "table_stderr": _stderr_summary(table),
         "rounds": rounds,

@@ -5,7 +5,7 @@
 
 Every row compiles the rotated model (16 bits = not quantized; GPTQ weights otherwise) with a
 uniform plan, its channels chosen and its down_proj refitted on ``--calibration`` × ``--cal-len``
-validation tokens (seed 0; compile_ppl.py's 32 × 512 by default, the main job's is 8 × 256) with
+validation tokens (seed 0; compile_ppl.py's 32 × 512 by default, the main job's is 32 × 256) with
 ``refit_down_proj(..., ridge=r)``; "none" keeps the kept columns as they are. The ridge is to be
 chosen on ``held``: 4 validation windows of 2048 tokens that share no token with the calibration
 draw; ``test`` is the first ``--test-windows`` windows of the test split, reported beside it, not

@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                          max_sparsity=float(table.sparsities[-1]), allow_dense=True)
     render_plan(plan, table, console)
 
-    # The windows the table's model was fitted on (calibrate measures ξ on as many other ones).
-    calibration = calibration_windows(tokenizer, meta["text"], meta["windows"], meta["seq_len"], seed=meta["seed"])
+    # The windows the table's model was fitted on (calibrate measures ξ on other ones); tables
+    # measured before the two counts were separate fitted on as many windows as they measured on.
+    fit_windows = meta.get("fit_windows", meta["windows"])
+    calibration = calibration_windows(tokenizer, meta["text"], fit_windows, meta["seq_len"], seed=meta["seed"])
     compiled = asaf_fx.compile(model, plan, quant=quant, calibration=calibration,
                                prune=asaf_fx.PruneConfig(granularity=meta["granularity"]))
     asaf_fx.inspect(compiled, console=console)

@@ -14,6 +14,7 @@ from asaf_fx.calibration import calibrate as engine
 from asaf_fx.calibration.measure import DegradationMeter
 from asaf_fx.calibration.runner import progress_files
 from asaf_fx.cli import calibrate
+from asaf_fx.data import calibration_windows
 from asaf_fx.passes.prune.channel_selection import RIDGE
 from asaf_fx.pipeline import default_quant
 from asaf_fx.solvers.problem import charged_degradation
@@ -157,7 +158,9 @@ def test_bad_inputs_name_the_problem(model_dir, text_file, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_xi_is_measured_on_windows_the_model_was_not_fitted_on(model_dir, text_file, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("fit_windows", [4, 7])
+def test_xi_is_measured_on_windows_the_model_was_not_fitted_on(model_dir, text_file, tmp_path, monkeypatch, capsys,
+                                                              fit_windows):
     seen = {}
     real_build, real_meter = engine.build_calibration_model, engine.DegradationMeter
 
@@ -171,10 +174,19 @@ def test_xi_is_measured_on_windows_the_model_was_not_fitted_on(model_dir, text_f
 
     monkeypatch.setattr(engine, "build_calibration_model", build)
     monkeypatch.setattr(engine, "DegradationMeter", meter)
-    assert calibrate.main(argv(model_dir, text_file, tmp_path / "t.safetensors", "--sparsities", "0.1")) == 0
+    out = tmp_path / "t.safetensors"
+    args = argv(model_dir, text_file, out, "--sparsities", "0.1", "--fit-windows", str(fit_windows))
+    assert calibrate.main(args) == 0
     fit = {tuple(row.tolist()) for row in seen["fit"]}
     measured = {tuple(row.tolist()) for row in seen["measured"]}
-    assert len(fit) == 4 and len(measured) == 4 and not fit & measured
+    assert len(fit) == fit_windows and len(measured) == 4 and not fit & measured
+    # the windows a plan is compiled with (the pipeline's) are the ones the table's variants were fitted on
+    compiled = calibration_windows(asaf_fx.load_model(str(model_dir))[1], text_file, fit_windows, 32, seed=0)
+    assert torch.equal(seen["fit"], compiled)
+    meta = asaf_fx.SensitivityTable.load(out).meta
+    assert meta["fit_windows"] == fit_windows and meta["windows"] == 4
+    # equal counts leave the fingerprint as it was before they were separate, so that progress is read
+    assert ("fit_windows" in meta["fingerprint"]) == (fit_windows != 4)
     err = " ".join(capsys.readouterr().err.split())
     assert "of single-layer ξ are negative" in err and "nan" not in err  # one level: no steps to judge
 
@@ -212,6 +224,7 @@ def test_the_python_api_measures_what_the_cli_measures(model_dir, text_file, gro
     ({"sparsities": (0.2, 0.1)}, "strictly increasing"),
     ({"metric": "mse"}, "metric"),
     ({"windows": 0}, "windows must be at least 1"),
+    ({"fit_windows": 0}, "fit_windows must be at least 1"),
     ({"refit": 1}, "refit must be True or False"),
 ])
 def test_calibration_config_names_what_is_wrong(kwargs, message):

@@ -38,7 +38,7 @@ def run(args: list[str]) -> tuple[pipeline.RunResult, str]:
 def generous(inputs, tmp_path_factory, argv):
     """A budget far above what pruning every layer at the top level costs: one round, a non-empty plan."""
     out = tmp_path_factory.mktemp("run") / "out"
-    result, printed = run(argv(inputs, out, "--max-degradation", "10"))
+    result, printed = run(argv(inputs, out, "--max-degradation", "10", "--fit-windows", "3"))
     return out, result, printed
 
 
@@ -53,6 +53,8 @@ def test_summary_is_complete_and_consistent(generous):
     assert "evaluating on 2 windows × 64 tokens" in printed and "ASAF plan" in printed
     assert summary["measured_degradation"] == summary["ppl_asaf"] / summary["ppl_base"] - 1
     assert summary["check_windows"] == 2 and "the rounds measure on 2 windows × 64 tokens" in printed
+    assert summary["calibration_fit_windows"] == 3 and summary["calibration_windows"] == 4
+    assert result.table.meta["fit_windows"] == 3 and "on 3 × 32 tokens" in printed
     assert summary["check_degradation"] == summary["rounds"][0]["measured_degradation"]  # chosen on check text
     assert summary["budget_met_on_check"] and summary["ppl_check_base"] > 1
     assert summary["predicted_degradation"] == result.plan.predicted_degradation
@@ -159,7 +161,7 @@ def test_rounds_choose_on_check_windows_and_only_the_kept_plan_meets_the_evaluat
     out, calls, _ = rerun_with(generous[0], tmp_path, monkeypatch, 1.0)
     real_prepare, prepared = pipeline.prepare, []
     monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: prepared.append(real_prepare(*a, **k)) or prepared[-1])
-    result, _ = run(argv(inputs, out, "--max-degradation", "10"))
+    result, _ = run(argv(inputs, out, "--max-degradation", "10", "--fit-windows", "3"))
     eval_ids, check_ids = prepared[0].eval_ids, prepared[0].check_ids
     assert not {tuple(w) for w in check_ids.tolist()} & {tuple(w) for w in eval_ids.tolist()}
     measured_on = {"eval": [], "check": []}
@@ -174,7 +176,7 @@ def test_overshooting_plans_are_tightened_and_when_none_fits_the_model_stays_den
                                                                                     monkeypatch, argv):
     """Every pruned model measures 1.5× its perplexity: each round overshoots; δ shrinks as documented."""
     out, calls, asked = rerun_with(generous[0], tmp_path, monkeypatch, 1.5)
-    result, printed = run(argv(inputs, out, "--max-degradation", "0.01", "--rounds", "2"))
+    result, printed = run(argv(inputs, out, "--max-degradation", "0.01", "--rounds", "2", "--fit-windows", "3"))
     summary, rounds = result.summary, result.summary["rounds"]
     assert "reusing the finished table" in printed
     assert len(rounds) == 2 and asked[0] == 0.01  # bounded by --rounds

@@ -35,6 +35,7 @@ from asaf_fx.passes.prune.channel_selection import RIDGE
 from asaf_fx.table import SensitivityTable
 
 DEFAULT_SPARSITIES = tuple(round(0.01 * k, 2) for k in range(1, 16))
+FIT_WINDOWS = 32
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,12 @@ class CalibrationConfig:
 
     ``mode``: ``per-layer`` measures every single layer at every level and estimates the groups;
     ``groups`` also measures every group of up to ``max_length`` layers; ``full`` measures all.
-    ``windows`` windows of ``seq_len`` tokens fit GPTQ and the channel choice, as many other ones
-    measure ξ. ``metric``: ``ppl`` (relative perplexity rise) or ``kl`` (mean KL to the unpruned
-    model). ``granularity`` and ``refit`` (the ridge refit of down_proj over the kept channels):
-    how pruning is done, as in the :class:`PruneConfig` the plan will be compiled with.
+    ``fit_windows`` windows of ``seq_len`` tokens fit GPTQ, the channel choice and the refit;
+    ``windows`` other ones measure ξ (their count sets each entry's standard error, and the
+    calibration's time is proportional to it; the fit costs only the base build). ``metric``:
+    ``ppl`` (relative perplexity rise) or ``kl`` (mean KL to the unpruned model). ``granularity``
+    and ``refit`` (the ridge refit of down_proj over the kept channels): how pruning is done, as in
+    the :class:`PruneConfig` the plan will be compiled with.
     ``validate``: also measure that many random plans and compare them with the table's prediction.
     """
 
@@ -54,6 +57,7 @@ class CalibrationConfig:
     max_length: int | None = None
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
     windows: int = 8
+    fit_windows: int = FIT_WINDOWS
     seq_len: int = 256
     seed: int = 0
     metric: str = "ppl"
@@ -79,7 +83,7 @@ class CalibrationConfig:
         if any(b <= a for a, b in zip(levels, levels[1:])):
             raise ValueError(f"sparsities must be strictly increasing; got {list(levels)}")
         object.__setattr__(self, "sparsities", levels)
-        for name in ("windows", "seq_len", "granularity"):
+        for name in ("windows", "fit_windows", "seq_len", "granularity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not isinstance(self.refit, bool):
@@ -94,6 +98,18 @@ class CalibrationConfig:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "sparsities": list(self.sparsities)}
 
+    @property
+    def drawn(self) -> int:
+        """Windows drawn from the text: the fitting ones first, then the held-out ones."""
+        return self.fit_windows + self.windows
+
+
+def fit_and_held(tokenizer, text: str | os.PathLike, config: CalibrationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows that fit the model and the other ones ξ is measured on, from one seeded draw;
+    the fitting windows are the ones ``calibration_windows(…, config.fit_windows, …)`` returns."""
+    windows = calibration_windows(tokenizer, text, config.drawn, config.seq_len, seed=config.seed)
+    return windows[: config.fit_windows], windows[config.fit_windows:]
+
 
 def calibration_text(text: str | os.PathLike | None, config: CalibrationConfig) -> Path:
     """``text`` (default: the WikiText-2 validation split), checked to exist and hold something."""
@@ -103,7 +119,7 @@ def calibration_text(text: str | os.PathLike | None, config: CalibrationConfig) 
         raise FileNotFoundError(f"calibration text {path} does not exist{hint}; pass another text file")
     if path.stat().st_size == 0:
         raise ValueError(f"calibration text {path} is empty; pass a text file with at least "
-                         f"{config.windows} × {config.seq_len} tokens")
+                         f"{config.drawn} × {config.seq_len} tokens")
     return path
 
 
@@ -119,6 +135,8 @@ def fingerprint(model_name: str, model, text: Path, config: CalibrationConfig, q
         "hidden_size": hf_config.get("hidden_size"),
         "text_sha256": text_sha256(text),
         "windows": config.windows,
+        # only when it differs, so progress measured before the two counts were separate is still read
+        **({"fit_windows": config.fit_windows} if config.fit_windows != config.windows else {}),
         "seq_len": config.seq_len,
         "seed": config.seed,
         "metric": config.metric,
@@ -276,8 +294,7 @@ def _calibrate(model, tokenizer, quant: QuantConfig, text: Path, config: Calibra
     # ξ is measured on windows the model was not fitted on: in-sample, GPTQ and the channel choice
     # hide most of the damage (SmolLM2 W4A4KV4, layer 0 at 6 %: −0.1 % on its fitting windows,
     # +9.8 % on test text) and re-solving a layer's GPTQ looks like a gain of ~10 %.
-    windows = calibration_windows(tokenizer, text, 2 * config.windows, config.seq_len, seed=config.seed)
-    fit, held = windows[: config.windows], windows[config.windows:]
+    fit, held = fit_and_held(tokenizer, text, config)
     batches = calibration_batches(held, getattr(model.config, "max_position_embeddings", None))
     fp = fingerprint(name, model, text, config, quant)
     # Checked before the (slow) base model is built: progress of other settings is refused at once.
@@ -286,7 +303,7 @@ def _calibrate(model, tokenizer, quant: QuantConfig, text: Path, config: Calibra
         console.print(f"resuming: {sum(earlier.values())} values measured earlier are read from "
                       f"{', '.join(str(p) for p in earlier)}")
     console.print(f"building the rotated-quantized model (W{quant.w_bits}A{quant.a_bits}KV{quant.kv_bits} "
-                  f"{quant.w_method}) on {config.windows} × {config.seq_len} tokens of {text.name}; ξ is measured "
+                  f"{quant.w_method}) on {config.fit_windows} × {config.seq_len} tokens of {text.name}; ξ is measured "
                   f"on {config.windows} other windows ...")
     levels = len(config.sparsities)
     cal = build_calibration_model(model, quant, fit, config.sparsities, config.granularity,
@@ -321,8 +338,8 @@ def _calibrate(model, tokenizer, quant: QuantConfig, text: Path, config: Calibra
     stderr = complete_stderr(cal.num_layers, levels, {e: se for e, (_, se) in values.items()})
     meta = {
         "model": name, "metric": config.metric, "mode": config.mode, "max_length": config.max_length,
-        "text": str(text), "windows": config.windows, "seq_len": config.seq_len, "seed": config.seed,
-        "quant": quant.to_dict(), "granularity": config.granularity,
+        "text": str(text), "windows": config.windows, "fit_windows": config.fit_windows, "seq_len": config.seq_len,
+        "seed": config.seed, "quant": quant.to_dict(), "granularity": config.granularity,
         "refit_ridge": RIDGE if config.refit else None, "estimate": estimate,
         "layer_forwards": meter.layer_forwards * world, "batches": len(batches),
         "time_s": {"build": round(built, 1), "measure": round(measured_s, 1)},

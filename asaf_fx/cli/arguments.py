@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 
 from asaf_fx._atomic import write_text_atomic
-from asaf_fx.calibration.calibrate import CalibrationConfig
+from asaf_fx.calibration.calibrate import FIT_WINDOWS, CalibrationConfig
 from asaf_fx.calibration.entries import MODES
 from asaf_fx.config import CLIP_SEARCH, QuantConfig
 from asaf_fx.passes.quantize.quantize_weights import WEIGHT_METHODS
@@ -127,7 +127,11 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         f"of --text outside the calibration windows); 0: every whole window, which takes longer "
                         f"(default {DEFAULT_EVAL_WINDOWS})")
     parser.add_argument("--seq-len", type=int_at_least(1), default=2048, help="evaluation window tokens (default 2048)")
-    parser.add_argument("--windows", type=int_at_least(1), default=8, help="calibration windows (default 8)")
+    parser.add_argument("--windows", type=int_at_least(1), default=8,
+                        help="held-out calibration windows each table entry is measured on (default 8)")
+    parser.add_argument("--fit-windows", type=int_at_least(1), default=FIT_WINDOWS,
+                        help="other calibration windows, which fit GPTQ, the channel choice and the refit "
+                             f"(default {FIT_WINDOWS})")
     parser.add_argument("--cal-seq-len", type=int_at_least(1), default=256,
                         help="calibration window tokens (default 256)")
     parser.add_argument("--sparsities", type=sparsity_list, default=DEFAULT_SPARSITIES,
@@ -154,8 +158,9 @@ def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace, **fiel
         parser.error("--max-length k goes with --mode groups, and --mode groups needs it")
     try:
         calibration = CalibrationConfig(mode=args.mode, max_length=args.max_length, sparsities=args.sparsities,
-                                        windows=args.windows, seq_len=args.cal_seq_len, seed=args.seed, metric="ppl",
-                                        granularity=args.granularity, refit=not args.no_refit)
+                                        windows=args.windows, fit_windows=args.fit_windows, seq_len=args.cal_seq_len,
+                                        seed=args.seed, metric="ppl", granularity=args.granularity,
+                                        refit=not args.no_refit)
         return RunConfig(text=args.text, eval_text=args.eval_text, eval_windows=args.eval_windows,
                          seq_len=args.seq_len, a8_layers=args.a8_layers, z=args.z, quant=quant_config(args),
                          calibration=calibration, **fields)

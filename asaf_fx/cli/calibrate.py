@@ -12,7 +12,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from asaf_fx.calibration.calibrate import DEFAULT_SPARSITIES, CalibrationConfig, calibrate, calibration_text
+from asaf_fx.calibration.calibrate import (
+    DEFAULT_SPARSITIES,
+    FIT_WINDOWS,
+    CalibrationConfig,
+    calibrate,
+    calibration_text,
+)
 from asaf_fx.calibration.entries import MODES
 from asaf_fx.calibration.measure import METRICS
 from asaf_fx.cli.arguments import (
@@ -36,8 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sparsities", type=sparsity_list, default=DEFAULT_SPARSITIES,
                         help="comma-separated levels in (0, 1), increasing (default 0.01,...,0.15)")
     parser.add_argument("--windows", type=int_at_least(1), default=8,
-                        help="windows to fit GPTQ and the channel choice on, and as many other ones to measure ξ on "
-                             "(default 8)")
+                        help="held-out windows each entry is measured on (default 8)")
+    parser.add_argument("--fit-windows", type=int_at_least(1), default=FIT_WINDOWS,
+                        help=f"other windows that fit GPTQ, the channel choice and the refit (default {FIT_WINDOWS})")
     parser.add_argument("--seq-len", type=int_at_least(1), default=256, help="tokens per window (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="window choice and rotations (default 0)")
     parser.add_argument("--metric", choices=METRICS, default="ppl",
@@ -64,7 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         args.quant = quant_config(args, rotate=not args.no_rotate)
         args.config = CalibrationConfig(mode=args.mode, max_length=args.max_length, sparsities=args.sparsities,
-                                        windows=args.windows, seq_len=args.seq_len, seed=args.seed,
+                                        windows=args.windows, fit_windows=args.fit_windows, seq_len=args.seq_len,
+                                        seed=args.seed,
                                         metric=args.metric, granularity=args.granularity, refit=not args.no_refit,
                                         validate=args.validate,
                                         budget=args.budget)

@@ -176,7 +176,8 @@ def test_a_point_agrees_with_a_direct_compile_of_its_plan(more, inputs):
     tokenizer = AutoTokenizer.from_pretrained(inputs["model"])
     quant = asaf_fx.QuantConfig.from_dict(result.curve["quant"])  # the CLI's defaults, with --w-method rtn
     compiled = asaf_fx.compile(model, plan, quant=quant, prune=asaf_fx.PruneConfig(granularity=32, refit=False),
-                               calibration=calibration_windows(tokenizer, inputs["text"], 4, 32, seed=0))
+                               calibration=calibration_windows(tokenizer, inputs["text"],
+                                                               result.table.meta["fit_windows"], 32, seed=0))
     totals = model_totals(compiled)
     eval_ids = token_windows(tokenizer, read_text(inputs["eval"]), 64, 2)
     assert point["asaf"]["ppl"] == pipeline._ppl(compiled, eval_ids)

@@ -168,8 +168,8 @@ def activation_bits_for(model_name: str, out: Path, config: RunConfig, loaded, t
     """``config.quant`` with the ``a8_layers`` layers that gain most at 8 bits; and what to report.
 
     The gains are measured like the table's ξ (fitted on the table's fitting windows, measured on
-    its held-out ones) and kept in OUT/activation_gains.json, which a
-    rerun with the same settings reuses; an interrupted measurement resumes from its progress file.
+    its held-out ones) and kept in OUT/activation_gains.json, which a rerun with the same settings
+    reuses; an interrupted measurement resumes from its progress file.
     """
     cal = config.calibration
     num_layers = loaded[0].config.num_hidden_layers
@@ -198,8 +198,7 @@ def activation_bits_for(model_name: str, out: Path, config: RunConfig, loaded, t
                 progress.record((layer, 1, BITS), value)
                 bar.advance(task)
 
-            gains = measure_activation_gains(model, config.quant, fit, held,
-                                             known=known, on_layer=record)
+            gains = measure_activation_gains(model, config.quant, fit, held, known=known, on_layer=record)
         write_text_atomic(path, json.dumps({**gains.to_dict(), "fingerprint": wanted}, indent=2) + "\n")
         progress.path.unlink()
     layers, quant = gains.choose(config.quant, config.a8_layers)

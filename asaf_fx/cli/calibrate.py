@@ -72,10 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.quant = quant_config(args, rotate=not args.no_rotate)
         args.config = CalibrationConfig(mode=args.mode, max_length=args.max_length, sparsities=args.sparsities,
                                         windows=args.windows, fit_windows=args.fit_windows, seq_len=args.seq_len,
-                                        seed=args.seed,
-                                        metric=args.metric, granularity=args.granularity, refit=not args.no_refit,
-                                        validate=args.validate,
-                                        budget=args.budget)
+                                        seed=args.seed, metric=args.metric, granularity=args.granularity,
+                                        refit=not args.no_refit, validate=args.validate, budget=args.budget)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
     return args

@@ -37,7 +37,6 @@ from asaf_fx.checkpoint import save
 from asaf_fx.compile import compile as compile_model
 from asaf_fx.config import PruneConfig, QuantConfig
 from asaf_fx.data import (
-    calibration_windows,
     check_windows,
     perplexity,
     token_windows,
@@ -287,7 +286,7 @@ def prepare(model_name: str, out: Path, config: RunConfig, console: Console, mod
         config = dataclasses.replace(config, quant=quant)  # the table is measured on the mixed-precision model
     cal = config.calibration
     table = table_for(model_name, out, config, (model, tokenizer), text, console)
-    cal_ids = calibration_windows(tokenizer, text, cal.fit_windows, cal.seq_len, seed=cal.seed)
+    cal_ids, _ = fit_and_held(tokenizer, text, cal)  # compiled on the windows the table was fitted on
     check_ids = None
     if check:
         # Every window calibration draws (the table's fitting and held-out ones) is avoided.

@@ -178,7 +178,7 @@ def _build_model(args: SimpleNamespace) -> torch.nn.Module:
                         seed=args.seed, positions=positions)
 
 
-def _compile(name: str, model: torch.nn.Module, args: SimpleNamespace, plan, decode_batch: int | None):
+def _compile(name: str, model: torch.nn.Module, args: SimpleNamespace, plan, max_batch: int):
     import asaf_fx
 
     shape: Shape = PRESETS[args.preset]
@@ -195,8 +195,8 @@ def _compile(name: str, model: torch.nn.Module, args: SimpleNamespace, plan, dec
         calibration = torch.randint(0, shape.vocab, (CALIBRATION_SAMPLES, min(CALIBRATION_LEN, positions)),
                                     generator=torch.Generator().manual_seed(args.seed + 1)).to(args.device)
     return asaf_fx.compile(model, plan if name == "asaf" else None, quant=quant, calibration=calibration,
-                           decode=decode_batch is not None, max_cache_len=args.cache_len,
-                           decode_batch=decode_batch or 1, backend=None if args.backend == "eager" else args.backend)
+                           max_batch=max_batch, max_cache_len=args.cache_len,
+                           backend=None if args.backend == "eager" else args.backend)
 
 
 def _eager_forward(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -206,8 +206,7 @@ def _eager_forward(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Ten
 def build_variant(name: str, args: SimpleNamespace, plan) -> tuple[Any, dict[int, Any], dict[str, Any]]:
     """(forward, {decode batch: step}, facts) of one variant; facts hold compile time, FLOPs and bytes.
 
-    A compiled variant gets one ``asaf_fx.compile`` per decode batch (each decode graph holds its
-    own static cache); the first also serves prefill.
+    A compiled variant is compiled once, for the largest decode batch; each batch decodes on a cache of its own.
     """
     from asaf_fx.inspection import model_totals
 
@@ -217,16 +216,15 @@ def build_variant(name: str, args: SimpleNamespace, plan) -> tuple[Any, dict[int
         steps = {b: hf_decode_step(model, args.cache_len) for b in batches}  # one cache each
         return _eager_forward(model), steps, {"compile_s": None, **linear_totals(model)}
     start = time.perf_counter()
-    compiled = [_compile(name, model, args, plan, b) for b in (batches or [None])]
+    compiled = _compile(name, model, args, plan, max(batches, default=1))
     compile_s = time.perf_counter() - start
     del model  # the compiled graphs hold their own tensors
     _free(args.device)
-    facts = {"compile_s": compile_s, **model_totals(compiled[0]), "quant": compiled[0].quant.to_dict()}
+    facts = {"compile_s": compile_s, **model_totals(compiled), "quant": compiled.quant.to_dict()}
     if name == "asaf":
         facts["plan"] = {"layer_sparsity": list(plan.layer_sparsity), "method": plan.method}
-    steps = {b: cm.decode_step for b, cm in zip(batches, compiled)}
-    first = compiled[0]
-    return (lambda ids: first(ids).logits), steps, facts
+    steps = {b: compiled.decode_steps(b, args.cache_len) for b in batches}
+    return (lambda ids: compiled(ids).logits), steps, facts
 
 
 def _cell_line(cell: dict[str, Any]) -> str:

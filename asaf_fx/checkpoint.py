@@ -2,19 +2,17 @@
 
 A checkpoint is a directory holding
 
-* ``model.safetensors`` — every tensor the compiled graphs read: packed INT4 codes (uint8), their
-  scales, the weights that stay float (embeddings, lm_head, 8/16-bit linears), rotation constants.
-  Keys are ``forward/<attribute>`` and ``decode/<attribute>``; a decode attribute bound to a
-  forward tensor (``share_weights``) is stored once and listed under ``aliases``. The decode
-  graph's KV-cache buffers are state, not weights, and are not stored. The header records the
+* ``model.safetensors`` — every tensor the compiled graph reads: packed INT4 codes (uint8), their
+  scales, the weights that stay float (embeddings, lm_head, 8/16-bit linears), rotation constants,
+  keyed by attribute name; attributes that share memory (tied weights) are stored once and listed
+  under ``aliases``. The KV cache is an input of the graph, not stored. The header records the
   schema and the sha256 of the JSON body;
-* ``asaf_fx.json`` — the graphs themselves (``asaf_fx.passes.graph_json``: nodes, calling
-  convention, attribute shapes), the transformers config, the QuantConfig, the plan, the decode
-  cache length, EOS ids, versions, the sha256 of each graph's code, and the sha256 of
-  ``model.safetensors``;
+* ``asaf_fx.json`` — the graph itself (``asaf_fx.passes.graph_json``: nodes, calling convention,
+  attribute shapes), the transformers config, the QuantConfig, the plan, EOS ids, versions, the
+  sha256 of the graph's code, and the sha256 of ``model.safetensors``;
 * optionally the tokenizer's files (``save(..., tokenizer=)``), for ``python -m asaf_fx eval DIR``.
 
-``load`` rebuilds each graph from its JSON and binds the tensors from the file, memory-mapped,
+``load`` rebuilds the graph from its JSON and binds the tensors from the file, memory-mapped,
 refusing any missing, unexpected or misshapen one; no model is built and no pass runs again, so a
 checkpoint loads in seconds and computes exactly what the saved model computed (every tensor is
 stored in the row-major layout the compiled graph already used). The rebuilt code must hash as
@@ -48,7 +46,8 @@ from asaf_fx.plan import Plan
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "asaf_fx.checkpoint/2"
+SCHEMA = "asaf_fx.checkpoint/3"
+OLDER_SCHEMAS = ("asaf_fx.checkpoint/1", "asaf_fx.checkpoint/2")  # two graphs (forward, decode)
 CONFIG_FILE = "asaf_fx.json"
 TENSORS_FILE = "model.safetensors"
 _ROTATION_OPS = (torch.ops.asaf_fx.hadamard_rotate, torch.ops.asaf_fx.hadamard_rotate_quantize)
@@ -101,26 +100,17 @@ def _storage_key(t: torch.Tensor) -> tuple:
     return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype
 
 
-def _graphs(model: CompiledModel) -> dict[str, GraphModule]:
-    return {
-        "forward": model.forward_graph,
-        **({"decode": model.decode_graph} if model.decode_graph is not None else {}),
-    }
-
-
-def _collect(graphs: dict[str, GraphModule]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors to store by key, aliases: key -> key of the stored tensor it shares memory with)."""
+def _collect(gm: GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors to store by attribute, aliases: attribute -> the stored attribute it shares memory with)."""
     stored: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for kind, gm in graphs.items():
-        for target, tensor in graph_tensors(gm).items():
-            key = f"{kind}/{target}"
-            first = seen.setdefault(_storage_key(tensor), key)
-            if first == key:
-                stored[key] = tensor
-            else:
-                aliases[key] = first
+    for target, tensor in graph_tensors(gm).items():
+        first = seen.setdefault(_storage_key(tensor), target)
+        if first == target:
+            stored[target] = tensor
+        else:
+            aliases[target] = first
     return stored, aliases
 
 
@@ -169,29 +159,27 @@ def save(model: CompiledModel, path: str | os.PathLike, *, tokenizer=None, overw
     if not overwrite and any((folder / name).exists() for name in (CONFIG_FILE, TENSORS_FILE)):
         raise FileExistsError(f"asaf_fx.save: {folder} already holds a checkpoint; choose another directory or pass "
                               "overwrite=True")
-    graphs = _graphs(model)
+    gm = model.graph
     try:
-        described = {kind: graph_to_json(gm, {n.target for n in written_attrs(gm)}) for kind, gm in graphs.items()}
+        described = graph_to_json(gm, {n.target for n in written_attrs(gm)})
         json.dumps(described)
     except (GraphFormatError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"asaf_fx.save: the compiled graphs cannot be written as JSON ({exc})") from exc
-    stored, aliases = _collect(graphs)
+        raise CheckpointError(f"asaf_fx.save: the compiled graph cannot be written as JSON ({exc})") from exc
+    stored, aliases = _collect(gm)
     folder.mkdir(parents=True, exist_ok=True)
     by_kind: dict[str, int] = {}
-    for key, tensor in stored.items():
-        kind, _, target = key.partition("/")
-        name = _kind(graphs[kind], target, tensor)
+    for target, tensor in stored.items():
+        name = _kind(gm, target, tensor)
         by_kind[name] = by_kind.get(name, 0) + tensor.numel() * tensor.element_size()
     body = {
         "schema": SCHEMA,
         "model_config": json.loads(model.config.to_json_string(use_diff=False)),
-        "dtype": str(_embedding_dtype(model.forward_graph)).removeprefix("torch."),
+        "dtype": str(_embedding_dtype(gm)).removeprefix("torch."),
         "quant": model.quant.to_dict(),
         "plan": None if model.plan is None else json.loads(model.plan.to_json()),
-        "max_cache_len": model.max_cache_len,
-        "decode_batch": model.decode_batch,
         "eos_token_ids": model.eos_token_ids,
-        "graphs": {kind: {"code_sha256": _code_sha256(gm), "graph": described[kind]} for kind, gm in graphs.items()},
+        "code_sha256": _code_sha256(gm),
+        "graph": described,
         "aliases": aliases,
         "tensor_bytes": by_kind,
         "versions": _versions(),
@@ -227,6 +215,10 @@ def _read_config(folder: Path) -> dict[str, Any]:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"asaf_fx.load: {config_path} is not valid JSON ({exc}); save the model again") from exc
+    if isinstance(config, dict) and config.get("schema") in OLDER_SCHEMAS:
+        raise CheckpointError(f"asaf_fx.load: {config_path} was written by an older asaf_fx ({config['schema']}: "
+                              "separate forward and decode graphs); this one stores one graph. Compile the model "
+                              "again and save it")
     if not isinstance(config, dict) or config.get("schema") != SCHEMA:
         found = config.get("schema") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(f"asaf_fx.load: {config_path} has schema {found!r}; this asaf_fx reads {SCHEMA!r}. "
@@ -263,30 +255,29 @@ def _hf_config(values: dict[str, Any]):
     return AutoConfig.for_model(model_type, **values)
 
 
-def _rebuild(kind: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor], aliases: dict[str, str],
-             device: torch.device, used: set[str]) -> GraphModule:
-    """One graph from its JSON, reading its tensors from the file (shared ones through ``aliases``)."""
-    body = entry["graph"]
+def _rebuild(body: dict[str, Any], tensors: dict[str, torch.Tensor], aliases: dict[str, str],
+             device: torch.device) -> GraphModule:
+    """The graph from its JSON, reading its tensors from the file (shared ones through ``aliases``)."""
     own = {}
     for name, spec in body["attributes"].items():
         if spec["state"]:
             continue
-        key = f"{kind}/{name}"
-        source = aliases.get(key, key)
+        source = aliases.get(name, name)
         if source not in tensors:
-            raise CheckpointError(f"asaf_fx.load: {TENSORS_FILE} lacks tensor {key} that the {kind} graph reads; "
+            raise CheckpointError(f"asaf_fx.load: {TENSORS_FILE} lacks tensor {name} that the graph reads; "
                                   "save the model again")
         own[name] = tensors[source]
-        used.add(source)
     gm = graph_from_json(body, own, device)
     propagate_shapes(gm)  # node shapes, which inspect() and the kernels' fake functions read
     return gm
 
 
-def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", backend: str | None = "auto") -> CompiledModel:
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", backend: str | None = "auto",
+         max_batch: int = 1, max_cache_len: int | None = None) -> CompiledModel:
     """The CompiledModel that ``save`` wrote to ``path``; its logits equal the saved model's bit for bit.
 
-    Reads safetensors and JSON only (nothing is unpickled). ``backend`` as in ``asaf_fx.compile``.
+    Reads safetensors and JSON only (nothing is unpickled). ``backend``, ``max_batch`` and
+    ``max_cache_len`` as in ``asaf_fx.compile``: the KV cache is chosen here, not stored.
     """
     from safetensors.torch import load_file
 
@@ -305,26 +296,22 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", backend
                               "save the model again") from exc
     device = torch.device(device)
     tensors = load_file(str(folder / TENSORS_FILE), device=str(device))
-    graphs: dict[str, GraphModule] = {}
-    used: set[str] = set()
     try:
-        for kind, entry in config["graphs"].items():
-            graphs[kind] = _rebuild(kind, entry, tensors, aliases, device, used)
+        gm = _rebuild(config["graph"], tensors, aliases, device)
     except (GraphFormatError, KeyError, TypeError) as exc:
         raise CheckpointError(f"asaf_fx.load: {folder / CONFIG_FILE} does not describe a graph this asaf_fx can "
                               f"rebuild ({exc!r}); save the model again") from exc
+    used = {aliases.get(name, name) for name, spec in config["graph"]["attributes"].items() if not spec["state"]}
     unexpected = sorted(set(tensors) - used)
-    if unexpected or "forward" not in graphs:
-        raise CheckpointError(f"asaf_fx.load: {TENSORS_FILE} holds tensors no graph reads ({unexpected[:5]}) or no "
-                              "forward graph; it was written for another model — save the model again")
-    for kind, gm in graphs.items():
-        if config["graphs"][kind].get("code_sha256") != _code_sha256(gm):
-            raise CheckpointError(f"asaf_fx.load: the rebuilt {kind} graph differs from the saved one (written with "
-                                  f"{config.get('versions')}, loading with {versions}); load with the versions that "
-                                  "wrote it, or compile and save the model again")
-    return CompiledModel(graphs["forward"], graphs.get("decode"), _hf_config(config["model_config"]), quant,
-                         plan=plan, eos_token_id=config.get("eos_token_ids"), backend=backend)
-
+    if unexpected:
+        raise CheckpointError(f"asaf_fx.load: {TENSORS_FILE} holds tensors the graph does not read ({unexpected[:5]}); "
+                              "it was written for another model — save the model again")
+    if config.get("code_sha256") != _code_sha256(gm):
+        raise CheckpointError(f"asaf_fx.load: the rebuilt graph differs from the saved one (written with "
+                              f"{config.get('versions')}, loading with {versions}); load with the versions that "
+                              "wrote it, or compile and save the model again")
+    return CompiledModel(gm, _hf_config(config["model_config"]), quant, plan=plan, max_batch=max_batch,
+                         max_cache_len=max_cache_len, eos_token_id=config.get("eos_token_ids"), backend=backend)
 
 
 def load_saved(path: str | os.PathLike, **kwargs) -> tuple[CompiledModel, Any]:

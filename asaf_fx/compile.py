@@ -1,8 +1,8 @@
 """``asaf_fx.compile``: capture a Hugging Face causal LM and rewrite it as a plan and a QuantConfig ask.
 
-The passes run in this order on the full-sequence graph, and on the static-cache decode graph:
+The passes run in this order on the model's one graph (scoring, prefill and decode alike):
 
-1. capture (``torch.export``);
+1. capture (``torch.export``, once);
 2. residual rotation: fold RMSNorm scales, rotate the residual stream (tied embeddings stay tied);
 3. pruning (a plan): whole MLP channels, chosen from calibration statistics of the rotated model;
 4. online rotations: Hadamards before down_proj and o_proj, head-wise V/O, Q/K after RoPE;
@@ -10,9 +10,8 @@ The passes run in this order on the full-sequence graph, and on the static-cache
 6. weight quantization (GPTQ or RTN, layer by layer on calibration data);
 7. lowering: decoder linears become the INT4 kernel ops, with per-token activation quantization.
 
-Every weight transform that needs data (channel selection, least-squares refit, GPTQ) runs once,
-on the forward graph; the decode graph gets the same structural rewrites with the results and
-then shares the forward graph's final tensors, so the two graphs hold one copy of the weights.
+Every pass runs once; the transforms that need data (channel selection, least-squares refit,
+GPTQ) run the graph layer by layer on calibration windows.
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ from torch.fx import GraphModule
 
 from asaf_fx.compiled_model import CompiledModel
 from asaf_fx.config import CLIP_SEARCH, PruneConfig, QuantConfig
-from asaf_fx.passes.capture import capture_decode, capture_forward, check_model
-from asaf_fx.passes.graph_utils import drop_dead_tensors, drop_input_guards, make_tensors_contiguous, structure_only
+from asaf_fx.passes.capture import capture, check_model
+from asaf_fx.passes.graph_utils import drop_dead_tensors, drop_input_guards, make_tensors_contiguous
 from asaf_fx.passes.infra import GraphPass, PassManager, PatternError
 from asaf_fx.passes.layerwise import LayerwiseRunner
 from asaf_fx.passes.lower.lower_linears import LinearLowering, LowerLinears
@@ -40,7 +39,6 @@ from asaf_fx.passes.rotate.rotate_qk import RotateQueryKey
 from asaf_fx.passes.rotate.rotate_residual import RotateResidual
 from asaf_fx.passes.rotate.rotate_vo import RotateValueOutput
 from asaf_fx.passes.rotate.untie_embeddings import UntieEmbeddings
-from asaf_fx.passes.share_weights import share_weights
 from asaf_fx.passes.split_layers import decoder_linears, layer_ends, split_decoder_layers
 from asaf_fx.plan import Plan
 
@@ -136,49 +134,33 @@ def linear_lowerings(gm: GraphModule, quant: QuantConfig, calibration: list[torc
     return lowerings, clips
 
 
-def rewrite(graphs: list[GraphModule], model, quant: QuantConfig,
+def rewrite(gm: GraphModule, model, quant: QuantConfig,
             prunings: Callable[[GraphModule], list[MlpPruning | None] | None],
             lowerings: Callable[[GraphModule], list[LinearLowering]]) -> None:
-    """Run compile's pass sequence on ``graphs`` (forward first), sharing ``graphs[0]``'s tensors.
+    """Run compile's pass sequence on ``gm``.
 
-    The weight values are computed once, on the forward graph; the other graphs follow every pass
-    in structure only and are then bound to the forward graph's tensors.
-
-    ``prunings`` and ``lowerings`` are asked once, on the forward graph, at the point of the
-    sequence where they are needed (after the residual rotation, after the online rotations);
-    every graph gets the same rewrites with their answers. ``prunings`` returns None for "prune
+    ``prunings`` and ``lowerings`` are asked at the point of the sequence where they are needed
+    (after the residual rotation, after the online rotations). ``prunings`` returns None for "prune
     nothing". ``compile`` answers from calibration data; calibration also records what it needs.
     """
-    forward = graphs[0]
-
-    def each(make: Callable[[], list[GraphPass]]) -> None:
-        _run(make(), forward, model)
-        with structure_only():  # the other graphs read the forward graph's tensors in the end
-            for gm in graphs[1:]:
-                _run(make(), gm, model, check="end")
-
-    each(lambda: residual_passes(quant))  # these refuse an unsupported architecture first
-    quant.check_overrides([n.args[1].target for layer in decoder_linears(forward) for n in layer])
-    chosen = prunings(forward)
+    _run(residual_passes(quant), gm, model)  # these refuse an unsupported architecture first
+    quant.check_overrides([n.args[1].target for layer in decoder_linears(gm) for n in layer])
+    chosen = prunings(gm)
     if chosen is not None:
-        each(lambda: [PruneMlpChannels(chosen)])
-    each(lambda: online_passes(quant))
+        _run([PruneMlpChannels(chosen)], gm, model)
+    _run(online_passes(quant), gm, model)
     if quant.kv_bits < 16:  # its own step: it matches the rotated keys the online passes add
-        each(lambda: [QuantizeKV(quant.kv_bits)])
+        _run([QuantizeKV(quant.kv_bits)], gm, model)
     if quant.quantizes:
-        lower = LowerLinears(lowerings(forward))  # one pass object: the graphs share its stacked weights
-        each(lambda: [lower])
-    for gm in graphs[1:]:
-        share_weights(forward, gm, check_values=False)
-    for gm in graphs:  # e.g. a tied embedding's original, which export leaves behind a dead node
-        drop_input_guards(gm)
-        drop_dead_tensors(gm)
-    make_tensors_contiguous(graphs)
+        _run([LowerLinears(lowerings(gm))], gm, model)
+    drop_input_guards(gm)
+    drop_dead_tensors(gm)  # e.g. a tied embedding's original, which export leaves behind a dead node
+    make_tensors_contiguous([gm])
 
 
 def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantConfig | None = None,  # noqa: A001
-            calibration=None, prune: PruneConfig | None = None, decode: bool = True,
-            max_cache_len: int = 256, decode_batch: int = 1, backend: str | None = "auto") -> CompiledModel:
+            calibration=None, prune: PruneConfig | None = None, max_batch: int = 1,
+            max_cache_len: int | None = None, backend: str | None = "auto") -> CompiledModel:
     """Capture ``model`` and rewrite it as ``plan`` and ``quant`` ask; the model itself is left unchanged.
 
     Args:
@@ -189,11 +171,11 @@ def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantCon
             an iterable of them (see ``asaf_fx.data.calibration_windows``). Needed by a plan with
             non-zero sparsity and by GPTQ.
         prune: how the plan's sparsities become removed channels; default ``PruneConfig()``.
-        decode: also capture the static-KV-cache decode graph used by ``generate``.
-        max_cache_len: positions in the static KV cache (prompt + new tokens).
-        decode_batch: sequences the decode graph steps at once (its KV cache holds this many).
-        backend: ``torch.compile`` backend for the graphs: "auto" = inductor on CUDA, eager on the
-            CPU; None = eager; any other name is passed to ``torch.compile``.
+        max_batch: most rows ``generate`` takes at once (any number up to it works).
+        max_cache_len: most positions (prompt + new tokens) ``generate`` holds in the KV cache;
+            default the model's context. ``asaf_fx.load`` can choose another.
+        backend: ``torch.compile`` backend: "auto" = inductor on CUDA, eager on the CPU; None =
+            eager; any other name is passed to ``torch.compile``.
     """
     quant = QuantConfig() if quant is None else quant
     prune = PruneConfig() if prune is None else prune
@@ -209,10 +191,9 @@ def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantCon
     was_training = model.training
     model.eval()
     try:
-        graphs = [capture_forward(model)] + ([capture_decode(model, max_cache_len, decode_batch)] if decode else [])
+        graph = capture(model)
     finally:
         model.train(was_training)
-    forward = graphs[0]
 
     def prunings(gm: GraphModule) -> list[MlpPruning | None] | None:
         try:
@@ -225,7 +206,7 @@ def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantCon
             raise ValueError("a plan with non-zero sparsity needs calibration data to choose channels; pass "
                              "calibration=")
         runner = LayerwiseRunner(split_decoder_layers(gm))
-        states = [runner.start(batch, False) for batch in batches]
+        states = [runner.start_tokens(batch) for batch in batches]
         return select_mlp_channels(runner, states, sparsities, prune.granularity, prune.refit)
 
     chosen: dict[str, float] = {}
@@ -235,9 +216,8 @@ def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantCon
         chosen.update(clips)
         return lowered
 
-    rewrite(graphs, model, quant, prunings, lowerings)
+    rewrite(graph, model, quant, prunings, lowerings)
     quant = quant.pin({name: {"a_clip": float(clip)} for name, clip in chosen.items()}) if chosen else quant
-    for gm in graphs:
-        log.info("compiled %s graph: passes %s", gm.meta["asaf_fx"]["kind"], gm.meta["asaf_fx"].get("passes", []))
-    return CompiledModel(forward, graphs[1] if decode else None, model.config, quant, plan=plan,
+    log.info("compiled graph: passes %s", graph.meta["asaf_fx"].get("passes", []))
+    return CompiledModel(graph, model.config, quant, plan=plan, max_batch=max_batch, max_cache_len=max_cache_len,
                          eos_token_id=getattr(model.generation_config, "eos_token_id", None), backend=backend)

@@ -1,4 +1,4 @@
-"""``CompiledModel``: the module ``asaf_fx.compile`` returns — a forward graph and a decode graph."""
+"""``CompiledModel``: the module ``asaf_fx.compile`` returns — one graph that scores, prefills and decodes."""
 
 from __future__ import annotations
 
@@ -10,160 +10,261 @@ from torch.fx import GraphModule
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from asaf_fx.config import QuantConfig
+from asaf_fx.passes.capture import cache_dtype, graph_inputs, new_cache
+from asaf_fx.passes.infra import META_KEY
+from asaf_fx.sampling import Sampling
 
 log = logging.getLogger(__name__)
 
 
 class CompiledModel(torch.nn.Module):
-    """Rewritten graphs of one causal LM.
+    """The rewritten graph of one causal LM (``asaf_fx.passes.capture`` gives its inputs).
 
-    ``forward(input_ids)`` runs the full-sequence graph (any batch and length) and returns an
-    output with ``.logits``; ``generate(input_ids, max_new_tokens)`` decodes greedily, one token
-    per step, through the static-KV-cache graph (``decode_batch`` rows, prompt + new tokens ≤
-    ``max_cache_len``). On a CUDA device each decode step replays one CUDA graph: the position
-    lives in a device tensor updated in place, so a step launches no kernel from Python and never
-    waits for the host.
+    ``forward(input_ids, attention_mask=None)`` scores whole sequences (left padding allowed) and
+    returns an output with ``.logits``. ``generate`` prefills each prompt into the KV cache in one
+    call and then decodes one token per step, for up to ``max_batch`` rows of any lengths (left
+    padded, with ``attention_mask``), greedily or by sampling. On a CUDA device the graph goes
+    through ``torch.compile`` (prefill with dynamic lengths) and each decode step replays a CUDA
+    graph captured once per batch size over a cache allocated once (``max_batch`` rows of
+    ``max_cache_len`` slots); on the CPU the graph runs eagerly on a cache of exactly the slots
+    each call needs.
     """
 
-    def __init__(self, forward_graph: GraphModule, decode_graph: GraphModule | None, config,
-                 quant: QuantConfig, plan=None, eos_token_id: int | Iterable[int] | None = None,
+    def __init__(self, graph: GraphModule, config, quant: QuantConfig, plan=None, max_batch: int = 1,
+                 max_cache_len: int | None = None, eos_token_id: int | Iterable[int] | None = None,
                  backend: str | None = "auto") -> None:
         super().__init__()
-        self.forward_graph = forward_graph
-        self.decode_graph = decode_graph
+        context = getattr(config, "max_position_embeddings", None)
+        max_cache_len = max_cache_len or context or 2048
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_cache_len < 1 or (context is not None and max_cache_len > context):
+            raise ValueError(f"max_cache_len must be between 1 and the model's context of {context} positions, "
+                             f"got {max_cache_len}")
+        self.graph = graph
         self.config = config
         self.quant = quant
         self.plan = plan
-        self.backend = _resolve_backend(backend, forward_graph)
-        # torch.compile only traces and lowers the graphs: every weight transform already happened.
-        # A tuple, so nn.Module does not register the (possibly wrapped) graphs a second time.
-        self._runners = (self._compiled(forward_graph, dynamic=True),
-                         None if decode_graph is None else self._compiled(decode_graph, dynamic=False))
+        self.max_batch = int(max_batch)
+        self.max_cache_len = int(max_cache_len)
+        self.backend = _resolve_backend(backend, graph)
+        # torch.compile only traces and lowers the graph: every weight transform already happened.
+        # A tuple, so nn.Module does not register the (possibly wrapped) graph a second time.
+        self._runners = (self._compiled(dynamic=True), self._compiled(dynamic=False))
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos_token_ids = [int(e) for e in eos]
-        self._step = None  # the decode step's static buffers and CUDA graph, made on first use
+        self._static: _StaticCache | None = None  # CUDA: the cache and the decode graphs, made on first use
 
     def train(self, mode: bool = True) -> CompiledModel:
-        """Only records the flag: the graphs are inference-only (exported modules refuse ``train``)."""
+        """Only records the flag: the graph is inference-only (exported modules refuse ``train``)."""
         self.training = mode
         return self
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.forward_graph.buffers()), next(self.forward_graph.parameters())).device
-
-    def _compiled(self, gm: GraphModule, dynamic: bool):
-        return gm if self.backend is None else torch.compile(gm, backend=self.backend, dynamic=dynamic)
+        return next(iter(self.graph.buffers()), next(self.graph.parameters())).device
 
     @property
-    def max_cache_len(self) -> int | None:
-        return None if self.decode_graph is None else self.decode_graph.meta["max_cache_len"]
+    def cache_dtype(self) -> torch.dtype:
+        return cache_dtype(self.graph)
 
-    @property
-    def decode_batch(self) -> int | None:
-        """Rows of every decode step (the static cache's batch); None without a decode graph."""
-        return None if self.decode_graph is None else self.decode_graph.meta.get("decode_batch", 1)
+    def _compiled(self, dynamic: bool):
+        return self.graph if self.backend is None else torch.compile(self.graph, backend=self.backend, dynamic=dynamic)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutputWithPast:
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise NotImplementedError("padding masks are not supported yet; pass equal-length rows without a mask")
-        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise ValueError(f"input_ids must be a 2-D LongTensor (batch, seq), got {input_ids.dtype} "
-                             f"{tuple(input_ids.shape)}")
+        """Logits of whole sequences; ``attention_mask`` (B, T) marks real tokens (left padding: 0s first)."""
+        _check_ids(input_ids, attention_mask)
         with torch.no_grad():
-            out = self._runners[0](input_ids, use_cache=False)
-        return CausalLMOutputWithPast(logits=out.logits)
+            logits = self._runners[0](*graph_inputs(self.graph, input_ids, attention_mask))
+        return CausalLMOutputWithPast(logits=logits)
 
-    def decode_step(self, token: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
-        """Logits (B, 1, vocab) for ``token`` (B, 1) at cache ``position``; writes its K/V to the cache.
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = 50, top_p: float = 1.0, eos_token_id: int | Iterable[int] | None = None,
+                 pad_token_id: int | None = None, streamer=None, stopping_criteria=None) -> torch.Tensor:
+        """Prompt + new tokens (B, T + n), as transformers' ``generate`` returns them.
 
-        ``position`` is an int or a one-element device tensor; B is ``decode_batch``. Repeating a
-        step (same token, same position) rewrites the same cache slot with the same values.
+        Rows of different lengths come left padded with ``attention_mask`` (the transformers
+        convention); each row gives what it gives alone. ``do_sample`` draws each token after
+        ``temperature``, ``top_k`` and ``top_p`` from torch's global generator (seed it with
+        ``torch.manual_seed``). A row ends at an EOS token (``eos_token_id``, default the model's)
+        and is padded with ``pad_token_id`` (default the first EOS id) until every row has ended.
+        ``streamer``: any object with ``put(ids)`` and ``end()``, e.g. transformers' ``TextStreamer``
+        or ``TextIteratorStreamer`` (an iterator); it gets the prompt, then each step's tokens (B,).
+        ``stopping_criteria``: transformers' ``StoppingCriteriaList`` or any callable
+        ``(ids so far, None) -> bool (B,)`` that ends the rows it marks, as an EOS token would.
         """
-        if self.decode_graph is None:
-            raise RuntimeError("this model was compiled without a decode graph (decode=False)")
-        if token.dim() != 2 or token.shape != (self.decode_batch, 1):
-            raise ValueError(f"decode_step takes token ids of shape ({self.decode_batch}, 1) (decode_batch rows), "
-                             f"got {tuple(token.shape)}; compile with decode_batch={token.shape[0]} for other batches")
-        first = self._step is None
-        step = self._step = self._step or _DecodeStep(torch.zeros_like(token),
-                                                      torch.zeros(1, dtype=torch.long, device=token.device))
-        step.ids.copy_(token)
-        if isinstance(position, torch.Tensor):
-            step.pos.copy_(position.reshape(1))
-        else:
-            step.pos.fill_(position)  # a kernel argument, not a host-to-device copy: no sync
-        if first and token.is_cuda:
-            step.capture(lambda: self._runners[1](input_ids=step.ids, cache_position=step.pos))
-        if step.graph is not None:
-            step.graph.replay()
-            return step.logits.clone()  # the graph's output buffer is overwritten by the next replay
-        with torch.no_grad():
-            return self._runners[1](input_ids=step.ids, cache_position=step.pos)
-
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32,
-                 eos_token_id: int | Iterable[int] | None = None) -> torch.Tensor:
-        """Greedy decoding; returns prompt + new tokens, stopping after an EOS token.
-
-        ``eos_token_id`` defaults to the model's generation config (as transformers does).
-        """
-        if input_ids.dim() != 2 or input_ids.shape[0] != self.decode_batch:
-            raise ValueError(f"generate decodes {self.decode_batch} sequence(s) of equal length at a time "
-                             f"(decode_batch); got input_ids of shape {tuple(input_ids.shape)}")
-        total = input_ids.shape[1] + max_new_tokens
-        if self.max_cache_len is not None and total > self.max_cache_len:
-            raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the static "
-                             f"cache of {self.max_cache_len} positions; compile with a larger max_cache_len")
+        _check_ids(input_ids, attention_mask)
+        sampling = Sampling(do_sample, temperature, top_k, top_p)
+        batch, prompt = input_ids.shape
+        if batch > self.max_batch:
+            raise ValueError(f"generate got {batch} rows; this model takes at most max_batch={self.max_batch} "
+                             f"(compile with max_batch={batch})")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        slots = prompt + max_new_tokens
+        if slots > self.max_cache_len:
+            raise ValueError(f"prompt ({prompt}) + max_new_tokens ({max_new_tokens}) exceeds the KV cache of "
+                             f"{self.max_cache_len} positions; compile or load with a larger max_cache_len")
         eos = self.eos_token_ids if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        tokens = input_ids.clone()
-        logits = None
-        for i in range(input_ids.shape[1]):  # prefill one token at a time (the graph has seq length 1)
-            logits = self.decode_step(tokens[:, i:i + 1], i)
-        done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        eos_ids = torch.tensor(eos, dtype=torch.long, device=tokens.device)
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(dim=-1, keepdim=True)
-            tokens = torch.cat([tokens, nxt], dim=1)
-            done |= torch.isin(nxt[:, 0], eos_ids)
-            if bool(done.all()):  # every row has ended (one row: its EOS token)
-                break
-            logits = self.decode_step(nxt, tokens.shape[1] - 1)
-        return tokens
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        device = input_ids.device
+        real = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                else attention_mask.to(device=device, dtype=torch.bool))
+        session = self._session(batch, slots, device)
+        session.mask[:, :prompt] = real
+        session.mask[:, prompt:] = True
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        with torch.no_grad():
+            logits = session.run(input_ids, positions, torch.arange(prompt, device=device), prompt)
+            tokens, done = [input_ids], torch.zeros(batch, dtype=torch.bool, device=device)
+            eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+            position = positions[:, -1:] + 1
+            for step in range(max_new_tokens):
+                nxt = sampling.next_tokens(logits[:, -1])
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                tokens.append(nxt[:, None])
+                if streamer is not None:
+                    streamer.put(nxt.cpu())
+                done |= torch.isin(nxt, eos_ids)
+                if stopping_criteria is not None:
+                    done |= torch.as_tensor(stopping_criteria(torch.cat(tokens, dim=1), None), device=device)
+                if step + 1 == max_new_tokens or bool(done.all()):
+                    break
+                logits = session.step(nxt[:, None], position + step, prompt + step)
+        if streamer is not None:
+            streamer.end()
+        return torch.cat(tokens, dim=1)
+
+    def decode_steps(self, batch: int, slots: int | None = None):
+        """``step(token (batch, 1), position) -> logits (batch, 1, V)`` over a fresh cache of ``slots``
+        positions (default ``max_cache_len``), every slot a real token: decode alone, as benchmarks
+        time it. Each step writes its K/V at ``position``; steps go in increasing positions."""
+        if batch > self.max_batch:
+            raise ValueError(f"batch {batch} exceeds max_batch={self.max_batch}; compile with max_batch={batch}")
+        slots = slots or self.max_cache_len
+        session = self._session(batch, slots, self.device)
+        session.mask[:, :slots] = True
+        return lambda token, position: session.step(
+            token, torch.full((batch, 1), int(position), dtype=torch.long, device=token.device), int(position))
+
+    def _session(self, batch: int, slots: int, device: torch.device) -> _Session:
+        layout = self.graph.meta[META_KEY]["cache"]
+        if device.type != "cuda" or self.backend is None:
+            return _Session(self._runners[0], new_cache(layout, batch, slots, self.cache_dtype, device),
+                            torch.zeros(batch, slots, dtype=torch.bool, device=device), trim=True)
+        if self._static is None:
+            self._static = _StaticCache(new_cache(layout, self.max_batch, self.max_cache_len, self.cache_dtype, device),
+                                        self.max_batch, self.max_cache_len, device)
+        return self._static.session(self._runners, batch)
 
 
-class _DecodeStep:
-    """Static inputs of the decode graph and, on CUDA, the graph of one step captured over them."""
+class _Session:
+    """One generate call's cache and slot mask, and how to run the graph over them.
 
-    def __init__(self, ids: torch.Tensor, pos: torch.Tensor) -> None:
-        self.ids, self.pos = ids, pos
+    ``trim``: hand the graph only the slots filled so far (eager: attention over the prompt and
+    the tokens made, not the whole cache); otherwise always the whole cache (static shapes).
+    """
+
+    def __init__(self, run, cache: list[torch.Tensor], mask: torch.Tensor, trim: bool) -> None:
+        self._run, self.cache, self.mask, self.trim = run, cache, mask, trim
+
+    def _inputs(self, used: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if not self.trim:
+            return self.cache, self.mask
+        return [c[:, :, :used] for c in self.cache], self.mask[:, :used]
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, cache_position: torch.Tensor, used: int) -> torch.Tensor:
+        cache, mask = self._inputs(used)
+        return self._run(ids, positions, cache_position, mask, *cache)
+
+    def step(self, token: torch.Tensor, position: torch.Tensor, slot: int) -> torch.Tensor:
+        """Logits (B, 1, V) of one token per row at cache ``slot``."""
+        return self.run(token, position, torch.tensor([slot], device=token.device), slot + 1)
+
+
+class _StaticCache:
+    """CUDA: one cache of ``max_batch`` rows for every call, and a decode CUDA graph per batch size."""
+
+    def __init__(self, cache: list[torch.Tensor], max_batch: int, slots: int, device: torch.device) -> None:
+        self.cache, self.device = cache, device
+        self.mask = torch.zeros(max_batch, slots, dtype=torch.bool, device=device)
+        self.steps: dict[int, _DecodeGraph] = {}
+
+    def session(self, runners, batch: int) -> _Session:
+        cache = [c[:batch] for c in self.cache]  # leading rows: contiguous, fixed addresses
+        session = _Session(runners[0], cache, self.mask[:batch], trim=False)
+        step = self.steps.get(batch)
+        if step is None:
+            step = self.steps[batch] = _DecodeGraph(runners[1], cache, self.mask[:batch], batch, self.device)
+        session.step = step  # decode steps replay the captured graph
+        return session
+
+
+class _DecodeGraph:
+    """Static inputs of a one-token step and, once warmed up, the CUDA graph of one step over them.
+
+    The position lives in a device tensor updated in place, so a step launches nothing from Python
+    and never waits for the host. A graph that cannot be captured runs launch by launch instead.
+    """
+
+    def __init__(self, run, cache: list[torch.Tensor], mask: torch.Tensor, batch: int, device: torch.device) -> None:
+        self._call = lambda: run(self.ids, self.pos, self.slot, mask, *cache)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.failed = False
 
-    def capture(self, run) -> None:
-        """Warm ``run`` up on a side stream (compiles, autotunes, allocates), then capture one call.
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, slot: int) -> torch.Tensor:
+        self.ids.copy_(token)
+        self.pos.copy_(position)
+        self.slot.fill_(slot)  # a kernel argument, not a host-to-device copy: no sync
+        if self.graph is None and not self.failed:
+            self._capture()  # its warm-up runs this step; the replay below rewrites the same slot
+        if self.graph is None:
+            return self._call()
+        self.graph.replay()
+        return self.logits.clone()  # the graph's output buffer is overwritten by the next replay
 
-        The warm-up calls run the first real step (its token, its position): the replay that
-        follows writes the same cache slot with the same values.
-        A graph that cannot be captured (an op that syncs with the host) runs uncaptured instead.
-        """
+    def _capture(self) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.no_grad():
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        run()
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self.logits = run()
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compiles, autotunes, allocates
+                    self._call()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self._call()
         except RuntimeError as exc:
             log.warning("decode step not captured as a CUDA graph (%s); it runs launch by launch", exc)
             torch.cuda.synchronize()
-            self.graph, self.logits = None, None
+            self.failed, self.logits = True, None
             return
         self.graph = graph
+
+
+def _check_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(f"input_ids must be a 2-D LongTensor (batch, seq), got {getattr(input_ids, 'dtype', None)} "
+                         f"{tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids has no tokens; pass at least one token per row")
+    if attention_mask is None:
+        return
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                         f"{tuple(attention_mask.shape)}")
+    mask = attention_mask.bool()
+    if not bool(mask[:, -1].all()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask must be left padding: each row's 0s (padding) before its 1s, and its last "
+                         "token real; pad on the left (tokenizer.padding_side = 'left')")
 
 
 def _resolve_backend(backend: str | None, gm: GraphModule) -> str | None:

@@ -126,13 +126,13 @@ def _graph_of(obj) -> GraphModule:
     from asaf_fx.compiled_model import CompiledModel
 
     if isinstance(obj, CompiledModel):
-        return obj.forward_graph
+        return obj.graph
     if isinstance(obj, GraphModule):
         return obj
     if isinstance(obj, torch.nn.Module) and hasattr(obj, "config"):
-        from asaf_fx.passes.capture import capture_forward
+        from asaf_fx.passes.capture import capture
 
-        return capture_forward(obj)
+        return capture(obj)
     raise TypeError(f"inspect expects a CompiledModel, a captured GraphModule or a transformers model, "
                     f"got {type(obj).__name__}")
 

@@ -53,7 +53,7 @@ SCHEMA = "asaf_fx.pipeline/1"
 # Three levels keep the default table at 90 entries (SmolLM2: 7.5 min on a 2-core CPU, the whole run
 # ~12 min); calibrate's 15 levels would take 3.3× as long. At granularity 32 they prune 1, 3 and 6
 # blocks of a 1536-wide SmolLM2 MLP: the small levels are where a 1 % budget is spent.
-DEFAULT_SPARSITIES = (0.02, 0.05, 0.1)
+RUN_SPARSITIES = (0.02, 0.05, 0.1)
 DEFAULT_EVAL_WINDOWS = 4
 
 
@@ -94,7 +94,7 @@ class RunConfig:
     a8_layers: int = 0
     z: float = 1.0
     quant: QuantConfig = field(default_factory=default_quant)
-    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(sparsities=DEFAULT_SPARSITIES))
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(sparsities=RUN_SPARSITIES))
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.max_degradation) or self.max_degradation <= 0:
@@ -248,11 +248,10 @@ class Prepared:
     def prune(self) -> PruneConfig:
         return PruneConfig(granularity=self.config.calibration.granularity, refit=self.config.calibration.refit)
 
-    def build(self, plan: Plan | None, decode: bool = False):
+    def build(self, plan: Plan | None):
         """``plan`` compiled (None: the unpruned rotated-quantized base) with the run's quantization,
         calibration windows and pruning."""
-        return compile_model(self.model, plan, quant=self.config.quant, calibration=self.cal_ids, prune=self.prune,
-                             decode=decode)
+        return compile_model(self.model, plan, quant=self.config.quant, calibration=self.cal_ids, prune=self.prune)
 
     def perplexity(self, model) -> float:
         """Perplexity of ``model`` (compiled or not) on the evaluation windows."""
@@ -343,16 +342,16 @@ def _run(model: str | os.PathLike, out: str | os.PathLike, config: RunConfig, co
     budget = config.max_degradation
 
     def measure(plan: Plan) -> tuple[float, Any]:
-        compiled = build(plan, decode=True)
+        compiled = build(plan)
         return _ppl(compiled, prepared.check_ids) / base.ppl_check - 1, compiled
 
     rounds, kept = search(table, budget, config.z, config.rounds, measure, console.print)
     if kept is None:
         plan = dense_plan(table, budget)
         console.print("no pruned plan measured within the budget on the check windows: the model stays dense")
-        compiled, checked = build(plan, decode=True), 0.0
+        compiled, checked = build(plan), 0.0
     else:
-        plan, compiled, checked = kept.plan, kept.kept, kept.degradation
+        plan, compiled, checked = kept.plan, kept.result, kept.degradation
     ppl_asaf = _ppl(compiled, eval_ids)
     measured = ppl_asaf / base.ppl_base - 1
     console.print(f"the kept plan on the evaluation text: perplexity {ppl_asaf:.4f}, degradation {measured:.4g}")

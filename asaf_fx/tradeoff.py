@@ -164,10 +164,10 @@ def _curve(model: str | os.PathLike, out: str | os.PathLike, budgets: tuple[floa
         nonlocal graph
         if not any(sparsities):
             return dense
-        from asaf_fx.passes.capture import capture_forward
+        from asaf_fx.passes.capture import capture
         from asaf_fx.passes.prune.prune_mlp import channels_removed
 
-        graph = graph if graph is not None else capture_forward(prepared.model)
+        graph = graph if graph is not None else capture(prepared.model)
         return tuple(channels_removed(graph, sparsities, prepared.prune.granularity))
 
     curve = {
@@ -197,8 +197,8 @@ def _curve(model: str | os.PathLike, out: str | os.PathLike, budgets: tuple[floa
         if wanted in measurements.by_channels:
             return measurements.by_channels[wanted], False
         started = time.perf_counter()
-        compiled = prepared.build(plan)  # perplexity runs the full-sequence graph: no decode graph
-        widths = compiled.forward_graph.meta.get(META_KEY, {}).get("mlp_widths", [])
+        compiled = prepared.build(plan)
+        widths = compiled.graph.meta.get(META_KEY, {}).get("mlp_widths", [])
         got = tuple(w["width"] - w["kept"] for w in widths)
         if got != wanted:
             raise RuntimeError(f"compiling the plan {plan.layer_sparsity} removed channels {got}, not the {wanted} "

@@ -85,7 +85,7 @@ def main() -> None:
                       + f"\n8-bit inputs in layers {layers} ({time.perf_counter() - started:.0f} s)")
     plan = uniform_plan(model.config.num_hidden_layers, args.sparsity) if args.sparsity else None
     started = time.perf_counter()
-    cm = asaf_fx.compile(model, plan, quant=quant, calibration=calibration, decode=False,
+    cm = asaf_fx.compile(model, plan, quant=quant, calibration=calibration,
                          prune=asaf_fx.PruneConfig(refit=not args.no_refit))
     spent = time.perf_counter() - started
     ppl = perplexity(lambda ids: cm(ids).logits, test)

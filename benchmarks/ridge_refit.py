@@ -59,7 +59,7 @@ def main() -> None:
         if ridge is not None:  # select_mlp_channels calls the refit with its default ridge
             prune_mlp.refit_down_proj = functools.partial(channel_selection.refit_down_proj, ridge=ridge)
         started = time.perf_counter()
-        cm = asaf_fx.compile(model, plan, quant=quant, calibration=calibration, decode=False,
+        cm = asaf_fx.compile(model, plan, quant=quant, calibration=calibration,
                              prune=asaf_fx.PruneConfig(refit=ridge is not None))
         spent = time.perf_counter() - started
         return perplexity(lambda ids: cm(ids).logits, held), perplexity(lambda ids: cm(ids).logits, test), spent

@@ -161,9 +161,7 @@ def graph_to_json(gm: GraphModule, state: set[str] = frozenset()) -> dict[str, A
                                    "kind": kind, "state": node.target in state}
     meta = dict(gm.meta.get(META_KEY, {}))
     meta["example_inputs"] = [_example(v) for v in meta.get("example_inputs", ())]
-    extra = {k: gm.meta[k] for k in ("max_cache_len", "decode_batch") if k in gm.meta}
-    return {"schema": SCHEMA, "nodes": nodes, "calling": calling, "attributes": attributes, "meta": meta,
-            "extra_meta": extra}
+    return {"schema": SCHEMA, "nodes": nodes, "calling": calling, "attributes": attributes, "meta": meta}
 
 
 def graph_from_json(body: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
@@ -208,7 +206,6 @@ def graph_from_json(body: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
     meta = dict(body.get("meta", {}))
     meta["example_inputs"] = tuple(_example_back(v, device) for v in meta.get("example_inputs", ()))
     gm.meta[META_KEY] = meta
-    gm.meta.update(body.get("extra_meta", {}))
     return gm
 
 

@@ -7,10 +7,8 @@ callers compare against that model.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch.fx import GraphModule, Node
@@ -118,36 +116,26 @@ def set_tensor(gm: GraphModule, target: str, value: torch.Tensor) -> None:
         owner.register_buffer(name, value)
 
 
-_STRUCTURE_ONLY = contextvars.ContextVar("asaf_fx_structure_only", default=False)
-
-
-@contextlib.contextmanager
-def structure_only() -> Iterator[None]:
-    """Within the block, :func:`update_tensor` skips transforms that keep a tensor's shape.
-
-    For a graph that goes through the same rewrites as another and then reads that graph's tensors
-    (``share_weights``): every pass must change its structure, but the values it would compute are
-    thrown away, and rotating each weight twice in float64 was most of a compile.
-    """
-    token = _STRUCTURE_ONLY.set(True)
-    try:
-        yield
-    finally:
-        _STRUCTURE_ONLY.reset(token)
-
-
-def update_tensor(gm: GraphModule, node: Node, fn: Callable[[torch.Tensor], torch.Tensor],
-                  same_shape: bool = False) -> None:
-    """Replace the tensor behind ``node`` by ``fn(tensor as float64)`` cast back to its dtype.
-
-    ``same_shape``: ``fn`` keeps the shape (a rotation), so under :func:`structure_only` it is skipped.
-    """
-    if same_shape and _STRUCTURE_ONLY.get():
-        return
+def update_tensor(gm: GraphModule, node: Node, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace the tensor behind ``node`` by ``fn(tensor as float64)`` cast back to its dtype."""
     old = get_tensor(gm, node)
     with torch.no_grad():
         new = fn(old.detach().to(torch.float64)).to(old.dtype).contiguous()
     set_tensor(gm, node.target, new)
+
+
+def bind_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Hold ``value`` at dotted ``target`` in ``gm``, making the containers on the way."""
+    *path, name = target.split(".")
+    owner = gm
+    for part in path:
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    if isinstance(value, torch.nn.Parameter):
+        owner.register_parameter(name, value)
+    else:
+        owner.register_buffer(name, value)
 
 
 def written_attrs(gm: GraphModule) -> set[Node]:

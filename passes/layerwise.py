@@ -1,7 +1,7 @@
 """Run a :class:`LayerSplit` part by part, keeping only the values later parts still need.
 
-``state = runner.start(input_ids)`` runs the prologue; ``runner.run_layer(i, state)`` advances
-through decoder layer i; ``runner.finish(state)`` runs the epilogue and returns the outputs.
+``state = runner.start_tokens(input_ids)`` runs the prologue; ``runner.run_layer(i, state)`` advances
+through decoder layer i; ``runner.finish(state)`` runs the epilogue and returns the logits.
 After each part the state drops every value no later part reads, so a state taken before layer i
 is exactly what resuming at layer i needs (the hidden states plus shared values such as RoPE
 tables and masks): calibration caches it to evaluate layers i..p−1 without re-running 0..i−1.
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
+from asaf_fx.passes.capture import graph_inputs
 from asaf_fx.passes.split_layers import LayerSplit
 
 State = dict[Node, Any]
@@ -90,8 +91,12 @@ class LayerwiseRunner:
                 env[node] = interpreter.run_node(node)
         return {n: v for n, v in env.items() if self._last_use[n] > index or n.op == "output"}
 
+    def start_tokens(self, input_ids: torch.Tensor) -> State:
+        """Run the prologue on token ids (B, T), scored from an empty cache."""
+        return self.start(*graph_inputs(self.split.source, input_ids))
+
     def start(self, *inputs: Any) -> State:
-        """Run the prologue on the graph's inputs (for a forward graph: ``input_ids, use_cache``)."""
+        """Run the prologue on the graph's inputs (``asaf_fx.passes.capture.graph_inputs``)."""
         self._interpreter.args_iter = iter(inputs)
         with torch.no_grad():
             return self._run(0, {})
@@ -116,7 +121,7 @@ class LayerwiseRunner:
             return self._run(layer + 1, state, call, replace)
 
     def finish(self, state: State) -> tuple:
-        """Run the epilogue; returns the graph's outputs (a flat tuple)."""
+        """Run the epilogue; returns the graph's output (the logits)."""
         with torch.no_grad():
             env = self._run(self._last, state)
         return next(v for n, v in env.items() if n.op == "output")

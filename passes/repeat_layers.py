@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from asaf_fx.passes.graph_utils import attr_tensor, written_attrs
+from asaf_fx.passes.graph_utils import attr_tensor, bind_tensor, written_attrs
 from asaf_fx.passes.infra import PatternError
 from asaf_fx.passes.split_layers import layer_ends, layer_partitions
 
@@ -256,7 +256,7 @@ class _Plan:
                 raise NotRepeatable(f"no tensor {target} for layer {index}")
         if not build:
             return None
-        _bind(self.gm, target, value)
+        bind_tensor(self.gm, target, value)
         with self.gm.graph.inserting_after(self.cursor):
             self.cursor = self.gm.graph.get_attr(target)
         return self.cursor
@@ -282,17 +282,3 @@ class _Plan:
 def _writes(node: Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     return schema is None or any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
-
-
-def _bind(gm: GraphModule, target: str, value: torch.Tensor) -> None:
-    """Hold ``value`` at dotted ``target`` in ``gm``, making the containers on the way."""
-    *path, name = target.split(".")
-    owner = gm
-    for part in path:
-        if not hasattr(owner, part):
-            owner.add_module(part, torch.nn.Module())
-        owner = getattr(owner, part)
-    if isinstance(value, torch.nn.Parameter):
-        owner.register_parameter(name, value)
-    else:
-        owner.register_buffer(name, value)

@@ -98,32 +98,26 @@ def tiny_models() -> dict[str, torch.nn.Module]:
 
 
 @pytest.fixture(scope="session")
-def _forward_captures(tiny_models):
-    from asaf_fx.passes.capture import capture_forward
+def _captures(tiny_models):
+    from asaf_fx.passes.capture import capture
 
     cache: dict = {}
 
     def get(arch: str):
         if arch not in cache:
-            cache[arch] = capture_forward(tiny_models[arch])
+            cache[arch] = capture(tiny_models[arch])
         return cache[arch]
 
     return get
 
 
 @pytest.fixture
-def captured(_forward_captures, tiny_models):
-    """``captured(arch, kind="forward")``: a graph of a tiny model that the test may rewrite.
+def captured(_captures):
+    """``captured(arch)``: the graph of a tiny model, a deep copy of one capture per session, that
+    the test may rewrite."""
 
-    Forward graphs are deep copies of one capture per session; decode graphs are captured anew
-    (their static-cache constants cannot be deep-copied, and capture takes ~2 s).
-    """
-    from asaf_fx.passes.capture import capture_decode
-
-    def get(arch: str, kind: str = "forward"):
-        if kind == "decode":
-            return capture_decode(tiny_models[arch], 64)
-        return copy.deepcopy(_forward_captures(arch))
+    def get(arch: str):
+        return copy.deepcopy(_captures(arch))
 
     return get
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import asaf_fx
 from asaf_fx.calibration.activation_gains import ActivationGains, measure_activation_gains
+from asaf_fx.passes.capture import run_graph
 from asaf_fx.passes.graph_utils import is_op
 from asaf_fx.passes.quantize.activation_bits import QUANTIZERS, with_activation_bits
 
@@ -24,20 +25,20 @@ def quantizer_bits(gm) -> list[int]:
 
 def test_the_copy_equals_compile_at_8_bits_and_the_original_is_untouched(tiny_models, tiny_ids, h):
     model = tiny_models["qwen2"]
-    low = asaf_fx.compile(model, quant=W4A4, decode=False)
-    high = asaf_fx.compile(model, quant=replace(W4A4, a_bits=8), decode=False)
-    before = quantizer_bits(low.forward_graph)
+    low = asaf_fx.compile(model, quant=W4A4)
+    high = asaf_fx.compile(model, quant=replace(W4A4, a_bits=8))
+    before = quantizer_bits(low.graph)
     assert before and set(before) == {4}
-    raised = with_activation_bits(low.forward_graph, 8)
+    raised = with_activation_bits(low.graph, 8)
     assert quantizer_bits(raised) == [8] * len(before)
-    assert quantizer_bits(low.forward_graph) == before  # a copy
+    assert quantizer_bits(low.graph) == before  # a copy
     assert any(n.target is torch.ops.asaf_fx.hadamard_rotate_quantize.default for n in raised.graph.nodes)
     with torch.no_grad():
-        got = raised(tiny_ids, False)[0]
+        got = run_graph(raised, tiny_ids)
         assert h.rel_err(got, high(tiny_ids).logits) < 1e-4  # RTN weights do not depend on a_bits
         assert h.rel_err(got, low(tiny_ids).logits) > 1e-2
     with pytest.raises(ValueError, match="activation bits must be 4 or 8"):
-        with_activation_bits(low.forward_graph, 16)
+        with_activation_bits(low.graph, 16)
 
 
 def _nll(compiled, ids) -> float:
@@ -52,13 +53,13 @@ def test_each_gain_is_the_perplexity_change_compile_gives_with_that_layer_at_8_b
     assert len(gains.gains) == 2 and seen == list(enumerate(gains.gains))
     assert all(len(names) == 7 and all(n.startswith(f"model.layers.{i}.") for n in names)
                for i, names in enumerate(gains.linears))  # names come from the graph; their form is HF's
-    base = asaf_fx.compile(model, quant=W4A4, calibration=CALIBRATION, decode=False)
+    base = asaf_fx.compile(model, quant=W4A4, calibration=CALIBRATION)
     tokens = HELD_OUT[:, 1:].numel()
     with torch.no_grad():
         base_nll = _nll(base, HELD_OUT)
         for layer, gain in enumerate(gains.gains):
             quant = W4A4.pin({name: {"a_bits": 8} for name in gains.linears[layer]})
-            mixed = asaf_fx.compile(model, quant=quant, calibration=CALIBRATION, decode=False)
+            mixed = asaf_fx.compile(model, quant=quant, calibration=CALIBRATION)
             expected = math.expm1((_nll(mixed, HELD_OUT) - base_nll) / tokens)
             assert gain == pytest.approx(expected, rel=0.01)  # simulated kernels: float rounding
             assert abs(gain) > 1e-3  # 8-bit inputs really changed the model

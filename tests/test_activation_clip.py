@@ -28,7 +28,7 @@ def test_each_input_gets_the_ratio_with_the_least_output_error(captured, tiny_mo
     if max_rows is not None:
         monkeypatch.setattr(activation_clip, "MAX_ROWS", max_rows)
     runner = LayerwiseRunner(split_decoder_layers(captured("mistral")))
-    states = [runner.start(ids, False) for ids in batches]
+    states = [runner.start_tokens(ids) for ids in batches]
     groups = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o",
               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "down"}
     chosen_all = []
@@ -56,7 +56,7 @@ def searched(tiny_models):
     quant = QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn", a_clip="mse",
                         overrides={"*.o_proj.weight": {"a_clip": 0.9}, "*.down_proj.weight": {"a_bits": 16}})
     return asaf_fx.compile(tiny_models["llama"], asaf_fx.uniform_plan(2, 0.25), quant=quant, calibration=CALIBRATION,
-                           prune=asaf_fx.PruneConfig(granularity=16), decode=False)
+                           prune=asaf_fx.PruneConfig(granularity=16))
 
 
 def test_compile_pins_the_chosen_ratios_in_the_returned_config(searched, tiny_models, tiny_ids):
@@ -70,14 +70,14 @@ def test_compile_pins_the_chosen_ratios_in_the_returned_config(searched, tiny_mo
     assert all(clips["q_proj", i] in CLIP_GRID and clips["up_proj", i] in CLIP_GRID for i in range(2))
     assert clips["o_proj", 0] == clips["o_proj", 1] == 0.9  # a fixed override is kept as given
     assert all(clips["down_proj", i] == 1.0 for i in range(2))  # 16-bit inputs: nothing to search
-    used = {n.args[-1] for n in searched.forward_graph.graph.nodes
+    used = {n.args[-1] for n in searched.graph.graph.nodes
             if n.op == "call_function" and "quantize" in str(n.target) and "kv" not in str(n.target)}
     assert used == {clips["q_proj", i] for i in range(2)} | {clips["up_proj", i] for i in range(2)} | {0.9}
     again = asaf_fx.compile(tiny_models["llama"], asaf_fx.uniform_plan(2, 0.25), quant=quant, calibration=CALIBRATION,
-                            prune=asaf_fx.PruneConfig(granularity=16), decode=False)
+                            prune=asaf_fx.PruneConfig(granularity=16))
     assert again.quant == quant and torch.equal(again(tiny_ids).logits, searched(tiny_ids).logits)
 
 
 def test_search_needs_calibration_data(tiny_models):
     with pytest.raises(ValueError, match="a_clip='mse' chooses each activation clip on calibration data"):
-        asaf_fx.compile(tiny_models["llama"], quant=QuantConfig(w_bits=4, a_bits=4, a_clip="mse"), decode=False)
+        asaf_fx.compile(tiny_models["llama"], quant=QuantConfig(w_bits=4, a_bits=4, a_clip="mse"))

@@ -24,11 +24,11 @@ def one_layer_plan(num_layers: int, layer: int, sparsity: float) -> Plan:
 
 def run_with(cal, ids, assignment):
     runner = cal.runner
-    state = runner.start(ids, False)
+    state = runner.start_tokens(ids)
     for layer in range(runner.num_layers):
         state = runner.run_layer(layer, state, replace=cal.variant(layer, assignment[layer]) if layer in assignment
                                  else None)
-    return runner.finish(state)[0]
+    return runner.finish(state)
 
 
 # RTN: nothing downstream depends on data, so any layer matches. GPTQ: the last layer only (compile
@@ -45,10 +45,10 @@ def test_variant_equals_compile_with_a_plan_pruning_that_layer(tiny_models, tiny
     model = tiny_models["llama"]
     cal = build_calibration_model(model, quant, CALIBRATION, SPARSITIES, granularity=32, refit=refit)
     assert cal.removed == [[32, 64], [32, 64]]
-    base = asaf_fx.compile(model, quant=quant, calibration=CALIBRATION, decode=False)
+    base = asaf_fx.compile(model, quant=quant, calibration=CALIBRATION)
     assert h.rel_err(run_with(cal, tiny_ids, {}), base(tiny_ids).logits) < 1e-3
     pruned = asaf_fx.compile(model, one_layer_plan(2, layer, SPARSITIES[1]), quant=quant, calibration=CALIBRATION,
-                             decode=False, prune=asaf_fx.PruneConfig(granularity=32, refit=refit))
+                             prune=asaf_fx.PruneConfig(granularity=32, refit=refit))
     got = run_with(cal, tiny_ids, {layer: 1})
     assert h.rel_err(got, pruned(tiny_ids).logits) < 1e-3
     assert h.rel_err(got, base(tiny_ids).logits) > 1e-2  # the variant really changed something

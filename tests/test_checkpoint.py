@@ -69,7 +69,8 @@ def test_reload_gives_bit_identical_logits_and_generation(saved, arch, tiny_ids,
     assert torch.equal(loaded(tiny_ids).logits, model(tiny_ids).logits)
     prompt = tiny_ids[:1, :5]
     assert torch.equal(loaded.generate(prompt, max_new_tokens=8), model.generate(prompt, max_new_tokens=8))
-    assert loaded.max_cache_len == 24 and loaded.quant == model.quant and loaded.plan == model.plan
+    # The cache is chosen when loading, not stored: by default the model's context.
+    assert loaded.max_cache_len == 128 and loaded.quant == model.quant and loaded.plan == model.plan
     assert loaded.eos_token_ids == model.eos_token_ids
 
 
@@ -77,21 +78,30 @@ def test_checkpoint_holds_the_packed_pruned_model(saved):
     model, folder, info = saved["llama"]
     config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     # 25 % of a layer's linear FLOPs at granularity 16: 64 of 160 MLP channels go
-    assert config["graphs"]["forward"]["graph"]["meta"]["mlp_widths"] == [{"width": 160, "kept": 96}] * 2
-    assert config["max_cache_len"] == 24 and config["quant"]["seed"] == 0
+    assert config["graph"]["meta"]["mlp_widths"] == [{"width": 160, "kept": 96}] * 2
+    assert "max_cache_len" not in config and config["quant"]["seed"] == 0
     assert set(config["versions"]) == {"asaf_fx", "torch", "transformers"}
     assert info.tensors_bytes == (folder / TENSORS_FILE).stat().st_size
     # 7 linears × 2 layers, two codes per byte: q 96×96, k/v 48×96, o 96×96, gate/up 96×96, down 96×96
     assert info.bytes_by_kind["int4_codes"] == 2 * (96 * 48 + 2 * 48 * 48 + 96 * 48 + 2 * 96 * 48 + 96 * 48)
     assert info.bytes_by_kind["rotations"] > 0 and info.bytes_by_kind["int4_scales"] > 0
     assert sum(info.bytes_by_kind.values()) < info.tensors_bytes  # plus the header
-    # decode weights are stored once: every decode tensor is an alias of a forward one
+    # one tensor per attribute the graph reads, by its name
     from safetensors import safe_open
 
     with safe_open(str(folder / TENSORS_FILE), framework="pt") as f:
         keys = set(f.keys())
-    assert keys and all(k.startswith("forward/") for k in keys)
-    assert config["aliases"] and set(config["aliases"].values()) <= keys
+    assert keys | set(config["aliases"]) == set(checkpoint.graph_tensors(model.graph))
+    assert set(config["aliases"].values()) <= keys
+
+
+def test_a_two_graph_checkpoint_is_refused_with_what_to_do(copy_of):
+    folder = copy_of()
+    config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    config["schema"] = "asaf_fx.checkpoint/2"
+    (folder / CONFIG_FILE).write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="older asaf_fx.*Compile the model again and save it"):
+        asaf_fx.load(folder)
 
 
 def test_edited_config_is_refused(copy_of):
@@ -127,9 +137,9 @@ def _rewrite_tensors(folder, change) -> None:
 
 def test_missing_tensor_is_named(copy_of):
     folder = copy_of()
-    victim = "forward/model_layers_0_mlp_down_proj_weight_int4"
+    victim = "model_layers_0_mlp_down_proj_weight_int4"
     _rewrite_tensors(folder, lambda t: t.pop(victim))
-    with pytest.raises(CheckpointError, match=f"lacks tensor {victim} that the forward graph reads"):
+    with pytest.raises(CheckpointError, match=f"lacks tensor {victim} that the graph reads"):
         asaf_fx.load(folder)
 
 
@@ -139,21 +149,21 @@ def test_missing_tensor_is_named(copy_of):
 ])
 def test_wrong_shape_or_dtype_is_named(copy_of, change, match):
     folder = copy_of()
-    key = "forward/model_layers_1_self_attn_o_proj_weight_scales"
+    key = "model_layers_1_self_attn_o_proj_weight_scales"
     _rewrite_tensors(folder, lambda t: t.update({key: change(t[key])}))
-    with pytest.raises(CheckpointError, match=key.partition("/")[2] + " " + match):
+    with pytest.raises(CheckpointError, match=key + " " + match):
         asaf_fx.load(folder)
 
 
 def test_an_extra_tensor_is_refused(copy_of):
     folder = copy_of()
-    _rewrite_tensors(folder, lambda t: t.update({"forward/smuggled": torch.zeros(3)}))
-    with pytest.raises(CheckpointError, match=r"holds tensors no graph reads \(\['forward/smuggled'\]\)"):
+    _rewrite_tensors(folder, lambda t: t.update({"smuggled": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=r"holds tensors the graph does not read \(\['smuggled'\]\)"):
         asaf_fx.load(folder)
 
 
 def test_load_runs_no_capture_and_no_pass(saved, tiny_ids, monkeypatch):
-    """The graphs come from the JSON: nothing is exported, no pass rewrites anything."""
+    """The graph comes from the JSON: nothing is exported, no pass rewrites anything."""
     from asaf_fx.passes import infra
 
     def refuse(*args, **kwargs):
@@ -165,11 +175,10 @@ def test_load_runs_no_capture_and_no_pass(saved, tiny_ids, monkeypatch):
     assert torch.equal(asaf_fx.load(folder)(tiny_ids).logits, model(tiny_ids).logits)
 
 
-def test_the_file_holds_what_the_graphs_read_and_nothing_else(saved):
+def test_the_file_holds_what_the_graph_reads_and_nothing_else(saved):
     for model, folder, info in saved.values():
-        graphs = checkpoint._graphs(model)
         read = {checkpoint._storage_key(t): t.numel() * t.element_size()
-                for gm in graphs.values() for t in checkpoint.graph_tensors(gm).values()}
+                for t in checkpoint.graph_tensors(model.graph).values()}
         assert sum(read.values()) == sum(info.bytes_by_kind.values())
         assert abs(info.tensors_bytes - sum(read.values())) <= 0.01 * info.tensors_bytes + 8192  # + the header
 
@@ -180,8 +189,8 @@ def test_save_refuses_an_existing_checkpoint_unless_asked(saved, copy_of):
     with pytest.raises(FileExistsError, match="already holds a checkpoint"):
         asaf_fx.save(model, folder)
     asaf_fx.save(model, folder, overwrite=True)
-    assert torch.equal(asaf_fx.load(folder).forward_graph.model_layers_0_mlp_down_proj_weight_int4,
-                       model.forward_graph.model_layers_0_mlp_down_proj_weight_int4)
+    assert torch.equal(asaf_fx.load(folder).graph.model_layers_0_mlp_down_proj_weight_int4,
+                       model.graph.model_layers_0_mlp_down_proj_weight_int4)
 
 
 def test_missing_file_unknown_schema_and_not_a_directory(copy_of, tmp_path):
@@ -222,5 +231,4 @@ def test_compiled_tensors_are_row_major_so_a_save_keeps_their_layout(saved):
     # An orthogonal factor of an odd width built as a transposed view multiplied in another order once
     # saved contiguous: logits after a round trip differed in the last bits (SmolLM2: 4.6e-5).
     for model, _, _ in saved.values():
-        for gm in checkpoint._graphs(model).values():
-            assert all(t.is_contiguous() for t in checkpoint.graph_tensors(gm).values())
+        assert all(t.is_contiguous() for t in checkpoint.graph_tensors(model.graph).values())

@@ -27,8 +27,7 @@ def test_rotation_only_compile_preserves_logits(arch, compiled, tiny_models, h):
     layers = model.config.num_hidden_layers
     # q, k, o_proj and down_proj inputs in each layer, and two around a tied lm_head's norm scale
     tied = 2 if model.config.tie_word_embeddings else 0
-    for gm in (cm.forward_graph, cm.decode_graph):
-        assert sum(n.target is HADAMARD for n in gm.graph.nodes) == 4 * layers + tied
+    assert sum(n.target is HADAMARD for n in cm.graph.graph.nodes) == 4 * layers + tied
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
@@ -44,16 +43,15 @@ def test_greedy_decoding_matches_transformers_generate(arch, compiled, tiny_mode
 
 def test_orthogonal_rotation_option(tiny_models, h):
     model = tiny_models["qwen2"]
-    cm = asaf_fx.compile(model, quant=asaf_fx.QuantConfig(rotation="orthogonal", seed=1), decode=False)
+    cm = asaf_fx.compile(model, quant=asaf_fx.QuantConfig(rotation="orthogonal", seed=1))
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
-    assert cm.decode_graph is None
     assert h.rel_err(cm(ids).logits, model(ids).logits) <= 1e-3
 
 
 def test_compile_leaves_the_model_unchanged(tiny_models):
     model = tiny_models["llama"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    asaf_fx.compile(model, decode=False)
+    asaf_fx.compile(model)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
@@ -82,33 +80,20 @@ def test_gpt2_is_an_unsupported_architecture():
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32)).eval()
     with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel is not a supported.*layer_norm"):
-        asaf_fx.compile(model, decode=False)
+        asaf_fx.compile(model)
 
 
-def test_generate_checks_its_inputs(compiled):
+def test_generate_checks_its_inputs(compiled, tiny_models):
     cm = compiled["mistral"]
-    with pytest.raises(ValueError, match=r"decodes 1 sequence\(s\) of equal length at a time \(decode_batch\)"):
+    with pytest.raises(ValueError, match=r"at most max_batch=1 \(compile with max_batch=2\)"):
         cm.generate(torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"shape \(1, 1\).*compile with decode_batch=2"):
-        cm.decode_step(torch.zeros(2, 1, dtype=torch.long), 0)
-    with pytest.raises(ValueError, match="exceeds the static cache of 64"):
+    with pytest.raises(ValueError, match="exceeds the KV cache of 64"):
         cm.generate(torch.zeros(1, 40, dtype=torch.long), max_new_tokens=32)
-
-
-def test_batched_decode_steps_each_row_as_one_sequence_alone(tiny_models, tmp_path, h):
-    model = tiny_models["llama"]
-    quant = asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn", w_clip_search=False)
-    one = asaf_fx.compile(model, quant=quant, max_cache_len=16, backend=None)
-    two = asaf_fx.compile(model, quant=quant, max_cache_len=16, decode_batch=2, backend=None)
-    assert (one.decode_batch, two.decode_batch) == (1, 2)
-    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(5))
-    rows = [[one.decode_step(ids[r:r + 1, i:i + 1], i) for i in range(6)] for r in range(2)]
-    # The position may also be a device tensor (what a CUDA-graph replay reads).
-    both = [two.decode_step(ids[:, i:i + 1], torch.tensor([i])) for i in range(6)]
-    for i in range(6):
-        for r in range(2):
-            assert h.rel_err(both[i][r], rows[r][i][0]) <= 1e-5
-    asaf_fx.save(two, tmp_path / "ckpt")
-    loaded = asaf_fx.load(tmp_path / "ckpt")
-    assert loaded.decode_batch == 2
-    assert h.rel_err(loaded.decode_step(ids[:, :1], 0), both[0]) <= 1e-5
+    with pytest.raises(ValueError, match="left padding"):
+        cm.generate(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[1, 1, 0]]))
+    with pytest.raises(ValueError, match="shape of input_ids"):
+        cm(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 4))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        cm.generate(torch.zeros(1, 3, dtype=torch.long), do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="context of 128 positions"):
+        asaf_fx.compile(tiny_models["llama"], max_cache_len=129)

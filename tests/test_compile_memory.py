@@ -47,10 +47,10 @@ def test_compile_keeps_only_the_compiled_graphs_tensors(h, quant):
     before = _live_storages()
     model = h.make_tiny("llama", seed=3)  # tied embeddings: the original must not outlive the model
     originals = [weakref.ref(p) for p in model.parameters()]
-    compiled = asaf_fx.compile(model, quant=quant, decode=True, max_cache_len=32, backend=None)
+    compiled = asaf_fx.compile(model, quant=quant, max_cache_len=32, backend=None)
     del model
     live = _nbytes(t for ptr, t in _live_storages().items() if ptr not in before)
-    own = _nbytes(t for gm in (compiled.forward_graph, compiled.decode_graph) for t in _graph_tensors(gm))
+    own = _nbytes(_graph_tensors(compiled.graph))
     alive = sum(ref() is not None for ref in originals)
     assert alive == 0, f"{alive} of {len(originals)} original parameters are still alive ({live} bytes, need {own})"
-    assert abs(live - own) <= 0.05 * own, f"{live} bytes alive, the compiled graphs hold {own}"
+    assert abs(live - own) <= 0.05 * own, f"{live} bytes alive, the compiled graph holds {own}"

@@ -19,22 +19,21 @@ def w4a4(tiny_models):
 def test_w8a8kv8_stays_close_and_w4a4kv4_does_not_break(tiny_models, tiny_ids, w4a4, h):
     model = tiny_models["mistral"]
     ref = model(tiny_ids).logits
-    w8 = asaf_fx.compile(model, quant=QuantConfig(w_bits=8, a_bits=8, kv_bits=8), decode=False)
+    w8 = asaf_fx.compile(model, quant=QuantConfig(w_bits=8, a_bits=8, kv_bits=8))
     err8, err4 = h.rel_err(w8(tiny_ids).logits, ref), h.rel_err(w4a4(tiny_ids).logits, ref)
     assert 0 < err8 < 0.02 and err8 < err4 < 0.5
 
 
-def test_decode_graph_shares_the_forward_graphs_weights_and_agrees_with_it(w4a4, tiny_ids):
-    forward = {id(t) for t in list(w4a4.forward_graph.parameters()) + list(w4a4.forward_graph.buffers())}
-    int4 = [t for name, t in w4a4.decode_graph.named_buffers() if name.endswith("_int4")]
-    assert len(int4) == 2 * 4 and all(id(t) in forward for t in int4)  # q/k/v and gate/up stacked
+def test_decoding_agrees_with_scoring(w4a4, tiny_ids):
+    int4 = [t for name, t in w4a4.graph.named_buffers() if name.endswith("_int4")]
+    assert len(int4) == 2 * 4  # q/k/v and gate/up stacked
     out = w4a4.generate(tiny_ids[:1, :4], max_new_tokens=4)
     for step in range(4, 8):  # the KV cache quantizes exactly as the full-sequence graph does
         assert w4a4(out[:, :step]).logits[0, -1].argmax() == out[0, step]
 
 
 def test_inspect_reports_bits_and_bytes(w4a4):
-    infos = layers(w4a4.forward_graph)
+    infos = layers(w4a4.graph)
     layer = next(i for i in infos if i.name == "0")
     assert {(lin.w_bits, lin.a_bits) for lin in layer.linears} == {(4, 4)}
     down = layer.linears[-1]
@@ -47,8 +46,8 @@ def test_inspect_reports_bits_and_bytes(w4a4):
 def test_overrides_by_weight_name(tiny_models):
     quant = QuantConfig(w_bits=4, a_bits=8, overrides={"model.layers.1.*": {"w_bits": 8, "a_bits": 16},
                                                        "*.down_proj.weight": {"a_bits": 4}})
-    cm = asaf_fx.compile(tiny_models["llama"], quant=quant, decode=False)
-    infos = {i.name: i for i in layers(cm.forward_graph)}
+    cm = asaf_fx.compile(tiny_models["llama"], quant=quant)
+    infos = {i.name: i for i in layers(cm.graph)}
     first = {name: (lin.w_bits, lin.a_bits)
              for lin in infos["0"].linears for name in lin.weight.split(".")[-2].split("+")}
     assert first == {"q_proj": (4, 8), "k_proj": (4, 8), "v_proj": (4, 8), "o_proj": (4, 8),
@@ -60,13 +59,13 @@ def test_an_override_that_matches_no_weight_names_the_closest(tiny_models):
     quant = QuantConfig(w_bits=4, a_bits=8, overrides={"*.down_proj": {"a_bits": 4}})  # no ".weight"
     with pytest.raises(ValueError, match=r"overrides\['\*\.down_proj'\] matches no decoder linear weight.*"
                                          r"names look like model\.layers\.\d\.mlp\.down_proj\.weight"):
-        asaf_fx.compile(tiny_models["llama"], quant=quant, decode=False)
+        asaf_fx.compile(tiny_models["llama"], quant=quant)
 
 
 def test_torch_compile_backend_runs_the_same_graph(tiny_models, tiny_ids, h):
     quant = QuantConfig(w_bits=4, a_bits=8)
-    eager = asaf_fx.compile(tiny_models["qwen2"], quant=quant, decode=False, backend=None)
-    traced = asaf_fx.compile(tiny_models["qwen2"], quant=quant, decode=False, backend="aot_eager")
+    eager = asaf_fx.compile(tiny_models["qwen2"], quant=quant, backend=None)
+    traced = asaf_fx.compile(tiny_models["qwen2"], quant=quant, backend="aot_eager")
     assert traced.backend == "aot_eager" and eager.backend is None
     assert h.rel_err(traced(tiny_ids).logits, eager(tiny_ids).logits) < 1e-5
 
@@ -82,7 +81,7 @@ def test_torch_compile_backend_runs_the_same_graph(tiny_models, tiny_ids, h):
 ])
 def test_bad_input(tiny_models, kwargs, error, match):
     with pytest.raises(error, match=match):
-        asaf_fx.compile(tiny_models["llama"], decode=False, **kwargs)
+        asaf_fx.compile(tiny_models["llama"], **kwargs)
 
 
 def test_eval_and_device_work_like_a_module(w4a4):

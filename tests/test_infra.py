@@ -74,14 +74,13 @@ def test_pass_must_return_a_pass_result(gm):
         PassManager([lambda g: g])(gm)
 
 
-@pytest.mark.parametrize("kind", ["forward", "decode"])
-def test_memoised_propagation_gives_every_node_the_plain_fake_result(captured, kind):
+def test_memoised_propagation_gives_every_node_the_plain_fake_result(captured):
     # The decoder's layers repeat op and shapes, so most nodes take an earlier node's memoised
     # result; each must still carry what fake-tensor propagation of that node alone gives.
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    gm = captured("llama", kind)
+    gm = captured("llama")
     propagate_shapes(gm)
     memoised = {n.name: n.meta.get("val") for n in gm.graph.nodes}
     with torch.no_grad():

@@ -23,7 +23,7 @@ def _show(obj, width: int = 200, **kwargs) -> str:
 
 @pytest.fixture(scope="module")
 def compiled_llama(tiny_models):
-    return asaf_fx.compile(tiny_models["llama"], decode=False)
+    return asaf_fx.compile(tiny_models["llama"])
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def pruned_w4a4(tiny_models):
     return asaf_fx.compile(tiny_models["llama"], plan,
                            quant=asaf_fx.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="rtn"),
                            calibration=torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0)),
-                           prune=asaf_fx.PruneConfig(granularity=16), decode=False)
+                           prune=asaf_fx.PruneConfig(granularity=16))
 
 
 def test_table_on_a_compiled_model_shows_rotations(compiled_llama):
@@ -48,7 +48,7 @@ def test_table_on_a_compiled_model_shows_rotations(compiled_llama):
     (head,) = infos[-1].linears
     assert (head.weight, head.out_features, head.in_features, head.w_bits) == ("lm_head.weight", 256, 96, None)
     text = console.file.getvalue()
-    assert "LlamaForCausalLM [forward]" in text
+    assert "LlamaForCausalLM [serve]" in text
     assert "rotate_residual(hadamard w=96)" in text and "rotate_vo(w=48 ×2)" in text
     assert "48 48 96 160" in text  # the online rotations' widths
 
@@ -60,7 +60,7 @@ def test_identical_layers_share_a_row(compiled_llama):
 
 
 def test_differing_layers_keep_their_own_rows(pruned_w4a4):
-    (dense, pruned) = pruned_w4a4.forward_graph.meta["asaf_fx"]["mlp_widths"]
+    (dense, pruned) = pruned_w4a4.graph.meta["asaf_fx"]["mlp_widths"]
     assert dense == {"kept": 160, "width": 160} and pruned["kept"] < 160
     text = _show(pruned_w4a4)
     assert "0–1" not in text
@@ -79,7 +79,7 @@ def test_passes_applied_are_listed_in_order(pruned_w4a4):
     assert [name.strip() for name in shown.split(",")] == [
         "fold_norms", "rotate_residual", "prune_mlp", "online_hadamard_down", "rotate_vo",
         "rotate_qk", "online_hadamard_out", "quantize_kv", "lower_linears"]
-    kept = 160 + pruned_w4a4.forward_graph.meta["asaf_fx"]["mlp_widths"][1]["kept"]
+    kept = 160 + pruned_w4a4.graph.meta["asaf_fx"]["mlp_widths"][1]["kept"]
     for shown in ("rotate_residual(hadamard w=96)", f"prune_mlp({kept}/320 kept)", "quantize_kv(4 bits)",
                   "lower_linears(14/14 int4)"):
         assert shown in text
@@ -102,7 +102,7 @@ def test_one_layer_node_table(pruned_w4a4):
     assert text.startswith("layer 1:") and "call_function" not in text  # a table, not raw FX
     header = text.splitlines()[1].split()
     assert header == ["node", "op", "shape", "inputs"]
-    assert len(info.nodes) == len(layers(pruned_w4a4.forward_graph)[2].nodes)
+    assert len(info.nodes) == len(layers(pruned_w4a4.graph)[2].nodes)
     linears = [n for n in info.nodes if "w4a_int_linear" in n.name]
     assert len(linears) == 4 and text.count(" w4a_int_linear ") == 4  # q/k/v and gate/up stacked
     for node in linears:  # each row: short name, op, output shape, inputs (the packed weight named briefly)
@@ -129,10 +129,10 @@ def test_bad_arguments(compiled_llama):
 
 
 def test_tensors_digest_changes_with_any_compiled_bit(tiny_models):
-    compiled = asaf_fx.compile(tiny_models["llama"], decode=False)
+    compiled = asaf_fx.compile(tiny_models["llama"])
     before = tensors_digest(compiled)
-    assert before == tensors_digest(asaf_fx.compile(tiny_models["llama"], decode=False))
-    name, tensor = next((n, t) for n, t in compiled.forward_graph.state_dict().items() if t.is_floating_point())
+    assert before == tensors_digest(asaf_fx.compile(tiny_models["llama"]))
+    name, tensor = next((n, t) for n, t in compiled.graph.state_dict().items() if t.is_floating_point())
     with torch.no_grad():
         tensor.view(-1)[0] = torch.nextafter(tensor.view(-1)[0], torch.tensor(float("inf"), dtype=tensor.dtype))
     assert tensors_digest(compiled) != before, name

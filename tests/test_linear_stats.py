@@ -15,7 +15,7 @@ def test_hessians_match_the_inputs_seen_by_the_original_model(captured, tiny_mod
     seen = h.linear_inputs(model, batches)
 
     runner = LayerwiseRunner(split_decoder_layers(captured("mistral")))
-    states = [runner.start(ids, False) for ids in batches]
+    states = [runner.start_tokens(ids) for ids in batches]
     for layer in range(runner.num_layers):
         stats = collect_linear_stats(runner, layer, states)
         assert len(stats) == 7  # q, k, v, o, gate, up, down: found in the graph, keyed by parameter

@@ -8,6 +8,7 @@ import torch
 import asaf_fx
 from asaf_fx.compile import rotation_passes
 from asaf_fx.config import QuantConfig
+from asaf_fx.passes.capture import run_graph
 from asaf_fx.passes.graph_utils import count_op, get_tensor, is_op
 from asaf_fx.passes.infra import PassManager, PatternError
 from asaf_fx.passes.lower.lower_linears import LinearLowering, LowerLinears
@@ -39,7 +40,7 @@ def test_int4_kernels_compute_what_the_simulation_computes(captured, tiny_ids, h
     assert count_op(simulated, torch.ops.aten.linear.default) == 15
     kernel = ops.w4a16_linear.default if a_bits == 16 else ops.w4a_int_linear.default
     assert count_op(gm, kernel) == 2 * 4  # per layer: q/k/v stacked, o, gate/up stacked, down
-    out, ref = gm(tiny_ids, use_cache=False).logits, simulated(tiny_ids, use_cache=False).logits
+    out, ref = run_graph(gm, tiny_ids), run_graph(simulated, tiny_ids)
     assert h.rel_err(out, ref) < 1e-4
 
 
@@ -107,7 +108,7 @@ def test_lowering_checks_its_inputs(captured):
 @pytest.mark.interpreter
 def test_w4a4kv4_logits_match_between_triton_and_reference_kernels(tiny_models, tiny_ids, h, monkeypatch):
     quant = QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="gptq", w_group_size=None)
-    cm = asaf_fx.compile(tiny_models["llama"], quant=quant, calibration=CALIBRATION, decode=False)
+    cm = asaf_fx.compile(tiny_models["llama"], quant=quant, calibration=CALIBRATION)
     logits = {}
     for backend in ("reference", "triton"):
         monkeypatch.setenv("ASAF_FX_KERNELS", backend)

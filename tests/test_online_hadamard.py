@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from asaf_fx.passes.capture import run_graph
 from asaf_fx.passes.graph_utils import count_op, get_tensor
 from asaf_fx.passes.infra import PassManager, PatternError
 from asaf_fx.passes.patterns import find_swiglus
@@ -23,18 +24,18 @@ def test_inserts_one_rotation_per_mlp_and_keeps_logits(arch, captured, tiny_mode
         assert get_tensor(gm, d.args[0].args[1]).shape == (5, 5)  # 160 = 32 · 5
         assert not torch.allclose(get_tensor(gm, d.args[1]), w)
     ref = tiny_models[arch](tiny_ids).logits
-    assert h.rel_err(gm(tiny_ids, use_cache=False).logits, ref) < 1e-5
+    assert h.rel_err(run_graph(gm, tiny_ids), ref) < 1e-5
 
 
 def test_pruned_width_works(h):
     # Widths that pruning produces (here 150 = 2 · 75) need no Hadamard matrix of that order.
     model = h.make_tiny("mistral", intermediate_size=150)
-    from asaf_fx.passes.capture import capture_forward
+    from asaf_fx.passes.capture import capture
 
-    gm = capture_forward(model)
+    gm = capture(model)
     PassManager([OnlineHadamardDown()])(gm)
     ids = torch.randint(0, 256, (1, 9))
-    assert h.rel_err(gm(ids, use_cache=False).logits, model(ids).logits) < 1e-5
+    assert h.rel_err(run_graph(gm, ids), model(ids).logits) < 1e-5
 
 
 def test_no_swiglu_is_a_clear_error(negative_graph, h):

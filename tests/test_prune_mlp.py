@@ -5,6 +5,7 @@ import torch
 
 import asaf_fx
 from asaf_fx.inspection import layers, model_totals
+from asaf_fx.passes.capture import run_graph
 from asaf_fx.passes.infra import PassManager, PatternError
 from asaf_fx.passes.layerwise import LayerwiseRunner
 from asaf_fx.passes.patterns import find_swiglus
@@ -28,7 +29,7 @@ def test_pruned_graph_equals_the_model_with_those_channels_zeroed(captured, tiny
         dropped = torch.ones(160, dtype=torch.bool)
         dropped[keeps[0]] = False
         gate[dropped] = 0  # silu(0) = 0: the channel contributes nothing
-    assert h.rel_err(gm(tiny_ids, use_cache=False).logits, masked(tiny_ids).logits) < 1e-5
+    assert h.rel_err(run_graph(gm, tiny_ids), masked(tiny_ids).logits) < 1e-5
     assert gm.meta["asaf_fx"]["mlp_widths"] == [{"width": 160, "kept": 5}, {"width": 160, "kept": 160}]
 
 
@@ -46,7 +47,7 @@ def test_selection_removes_whole_blocks_of_the_least_important_channels(captured
     flops = layer_linear_flops(gm)
     assert flops == [2 * (96 * 96 * 2 + 96 * 48 * 2 + 3 * 96 * 160)] * 2
     runner = LayerwiseRunner(split_decoder_layers(gm))
-    states = [runner.start(CALIBRATION, False)]
+    states = [runner.start_tokens(CALIBRATION)]
     prunings = select_mlp_channels(runner, states, [0.2, 0.0], granularity=16, refit=True)
     assert prunings[1] is None
     keep = prunings[0].keep
@@ -61,7 +62,7 @@ def test_refit_lowers_the_error_on_calibration_data(tiny_models, h):
     plan = asaf_fx.uniform_plan(2, 0.25)
     errors = {}
     for refit in (False, True):
-        cm = asaf_fx.compile(model, plan, calibration=CALIBRATION, decode=False,
+        cm = asaf_fx.compile(model, plan, calibration=CALIBRATION,
                              prune=asaf_fx.PruneConfig(granularity=16, refit=refit))
         errors[refit] = h.rel_err(cm(CALIBRATION).logits, ref)
     assert 0 < errors[True] < errors[False]
@@ -69,7 +70,7 @@ def test_refit_lowers_the_error_on_calibration_data(tiny_models, h):
 
 def test_compiled_plan_removes_its_flops_and_bytes(tiny_models, tiny_ids):
     model = tiny_models["llama"]
-    dense = asaf_fx.compile(model, decode=False)
+    dense = asaf_fx.compile(model)
     plan = asaf_fx.uniform_plan(2, 0.2)
     cm = asaf_fx.compile(model, plan, calibration=CALIBRATION, max_cache_len=32)
     before, after = model_totals(dense), model_totals(cm)
@@ -77,7 +78,7 @@ def test_compiled_plan_removes_its_flops_and_bytes(tiny_models, tiny_ids):
     # granularity 32: 64 of 160 channels per layer, 2·3·96·64 FLOPs each → 25% of the layer
     assert after["flops"] == pytest.approx(before["flops"] * 0.75)
     assert after["weight_bytes"] == pytest.approx(before["weight_bytes"] * 0.75)
-    assert [round(i.sparsity, 4) for i in layers(cm.forward_graph) if i.name.isdigit()] == [0.25, 0.25]
+    assert [round(i.sparsity, 4) for i in layers(cm.graph) if i.name.isdigit()] == [0.25, 0.25]
     # the decode graph has the same pruned weights (shared), so greedy decoding agrees with the forward graph
     out = cm.generate(tiny_ids[:1, :4], max_new_tokens=4)
     for step in range(4, 8):
@@ -89,8 +90,8 @@ def test_plan_errors(tiny_models):
     with pytest.raises(ValueError, match="covers 3 decoder layers but the model has 2"):
         asaf_fx.compile(model, asaf_fx.uniform_plan(3, 0.1), calibration=CALIBRATION)
     with pytest.raises(ValueError, match="needs calibration data"):
-        asaf_fx.compile(model, asaf_fx.uniform_plan(2, 0.1), decode=False)
+        asaf_fx.compile(model, asaf_fx.uniform_plan(2, 0.1))
     with pytest.raises(ValueError, match="at granularity 32 at most 128 can go"):
-        asaf_fx.compile(model, asaf_fx.uniform_plan(2, 0.95), calibration=CALIBRATION, decode=False)
+        asaf_fx.compile(model, asaf_fx.uniform_plan(2, 0.95), calibration=CALIBRATION)
     with pytest.raises(TypeError, match="plan must be an asaf_fx.Plan"):
         asaf_fx.compile(model, {"groups": []})

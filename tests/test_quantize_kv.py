@@ -5,14 +5,14 @@ import torch
 
 from asaf_fx.compile import rotation_passes
 from asaf_fx.config import QuantConfig
+from asaf_fx.passes.capture import graph_inputs, run_graph
 from asaf_fx.passes.graph_utils import count_op
 from asaf_fx.passes.infra import PassManager, PatternError
 from asaf_fx.passes.quantize.quantize_kv import KV_DEQUANTIZE, KV_QUANTIZE, QuantizeKV
 
 
-@pytest.mark.parametrize("kind", ["forward", "decode"])
-def test_keys_and_values_of_every_attention_are_quantized(captured, kind):
-    gm = captured("llama", kind)
+def test_keys_and_values_of_every_attention_are_quantized(captured):
+    gm = captured("llama")
     PassManager(rotation_passes(QuantConfig()) + [QuantizeKV(4)])(gm)
     assert count_op(gm, KV_QUANTIZE) == count_op(gm, KV_DEQUANTIZE) == 4  # K and V of two layers
     kinds = sorted(n.meta["asaf_fx"]["kv"] for n in gm.graph.nodes if n.target is KV_QUANTIZE)
@@ -30,11 +30,12 @@ def test_keys_and_values_of_every_attention_are_quantized(captured, kind):
 
 
 def test_cache_holds_quantized_values(captured, tiny_ids, h):
-    gm = captured("mistral", "decode")
+    gm = captured("mistral")
     PassManager(rotation_passes(QuantConfig()) + [QuantizeKV(4)])(gm)
-    gm(input_ids=tiny_ids[:1, :1], cache_position=torch.tensor([0]))
-    caches = [b for name, b in gm.named_buffers() if b.dim() == 4 and b.shape[2] == 64]
-    assert caches, "static cache buffers not found"
+    inputs = graph_inputs(gm, tiny_ids[:1, :1])
+    gm(*inputs)
+    caches = inputs[4:]
+    assert len(caches) == 2 * 2
     for cache in caches:
         row = cache[0, :, 0]  # (kv heads, head_dim) at position 0
         assert row.abs().sum() > 0
@@ -43,12 +44,12 @@ def test_cache_holds_quantized_values(captured, tiny_ids, h):
 
 
 def test_error_grows_as_bits_fall(captured, tiny_ids, h):
-    ref = captured("qwen2")(tiny_ids, use_cache=False).logits
+    ref = run_graph(captured("qwen2"), tiny_ids)
     errors = []
     for bits in (8, 4):
         gm = captured("qwen2")
         PassManager(rotation_passes(QuantConfig()) + [QuantizeKV(bits)])(gm)
-        errors.append(h.rel_err(gm(tiny_ids, use_cache=False).logits, ref))
+        errors.append(h.rel_err(run_graph(gm, tiny_ids), ref))
     assert 0 < errors[0] < errors[1] < 0.2
 
 

@@ -67,13 +67,13 @@ def test_recompiling_inside_the_scope_reuses_gptq_and_changes_nothing(tiny_model
     quant = QuantConfig(w_bits=4, a_bits=8, kv_bits=8, w_method="gptq")
     calibration = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(7))
     plan = uniform_plan(model.config.num_hidden_layers, 0.3)
-    alone = asaf_fx.compile(model, plan, quant=quant, calibration=calibration, decode=False)
+    alone = asaf_fx.compile(model, plan, quant=quant, calibration=calibration)
     with reuse_quantized_weights() as stats:
-        asaf_fx.compile(model, quant=quant, calibration=calibration, decode=False)
+        asaf_fx.compile(model, quant=quant, calibration=calibration)
         misses = stats.misses
-        base = asaf_fx.compile(model, quant=quant, calibration=calibration, decode=False)
+        base = asaf_fx.compile(model, quant=quant, calibration=calibration)
         assert stats.hits == misses and stats.misses == misses  # the second base: every weight found
-        pruned = asaf_fx.compile(model, plan, quant=quant, calibration=calibration, decode=False)
+        pruned = asaf_fx.compile(model, plan, quant=quant, calibration=calibration)
         # Layer 0's attention reads the same inputs in both: its q, k, v and o are found again.
         assert stats.hits >= misses + 4 and stats.misses > misses
     assert torch.equal(pruned(tiny_ids).logits, alone(tiny_ids).logits)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from asaf_fx.passes.capture import graph_inputs, run_graph
 from asaf_fx.passes.layerwise import LayerwiseRunner
 from asaf_fx.passes.quantize.quantize_weights import LinearQuant, linear_weight_targets, quantize_layer_weights
 from asaf_fx.passes.split_layers import split_decoder_layers
@@ -12,9 +13,9 @@ from asaf_fx.passes.split_layers import split_decoder_layers
 
 def quantized_logits(captured, arch, spec, calibration, ids):
     runner = LayerwiseRunner(split_decoder_layers(captured(arch)))
-    states = [runner.start(batch, False) for batch in calibration]
+    states = [runner.start_tokens(batch) for batch in calibration]
     results = quantize_layer_weights(runner, states, spec)
-    return runner.run(ids, False)[0], results, runner
+    return runner.run(*graph_inputs(runner.split.source, ids)), results, runner
 
 
 def calibration_batches(count=4):
@@ -37,7 +38,7 @@ def test_every_decoder_linear_is_quantized_and_lm_head_is_not(captured):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_gptq_beats_rtn_and_8_bits_are_nearly_lossless(arch, captured, tiny_ids):
-    reference = captured(arch)(tiny_ids, use_cache=False).logits
+    reference = run_graph(captured(arch), tiny_ids)
     calibration = calibration_batches()
 
     def error(spec):

@@ -28,7 +28,7 @@ from asaf_fx.plan import uniform_plan
 torch.set_num_threads({threads})
 model = make_tiny("llama", intermediate_size=256)
 ids = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(3))
-cm = asaf_fx.compile(model, uniform_plan(2, 0.25), calibration=ids, decode=False,
+cm = asaf_fx.compile(model, uniform_plan(2, 0.25), calibration=ids,
                      quant=QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_method="gptq"))
 print(hashlib.sha256(tensors_digest(cm).encode() + cm(ids).logits.detach().numpy().tobytes()).hexdigest())
 """

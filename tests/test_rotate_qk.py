@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from asaf_fx.passes.capture import graph_inputs
 from asaf_fx.passes.graph_utils import count_op
 from asaf_fx.passes.infra import PassManager, PatternError
 from asaf_fx.passes.patterns import match_rope
@@ -11,27 +12,31 @@ HADAMARD = torch.ops.asaf_fx.hadamard_rotate.default
 
 @pytest.mark.parametrize("head_dim", [48, 80])
 def test_query_and_key_rotated_after_rope(head_dim, tiny_ids, h):
-    from asaf_fx.passes.capture import capture_forward
+    from asaf_fx.passes.capture import capture, run_graph
 
     model = h.make_tiny("qwen2", head_dim=head_dim)
-    gm = capture_forward(model)
+    gm = capture(model)
     PassManager([RotateQueryKey(seed=4)])(gm)
     rotations = [n for n in gm.graph.nodes if n.target is HADAMARD]
     assert len(rotations) == 2 * model.config.num_hidden_layers
     assert all(match_rope(n.args[0]) is not None for n in rotations)
     assert all(n.meta["val"].shape[-1] == head_dim for n in rotations)
-    assert h.rel_err(gm(tiny_ids, use_cache=False).logits, model(tiny_ids).logits) < 1e-5
+    assert h.rel_err(run_graph(gm, tiny_ids), model(tiny_ids).logits) < 1e-5
 
 
 def test_cache_holds_rotated_keys(captured, tiny_models, tiny_ids, h):
-    gm = captured("mistral", "decode")
+    gm = captured("mistral")
     PassManager([RotateQueryKey()])(gm)
     writes = [n for n in gm.graph.nodes if n.op == "call_function" and "index_copy" in str(n.target)]
     key_writes = [n for n in writes if n.args[3].target is HADAMARD]
     assert len(key_writes) == tiny_models["mistral"].config.num_hidden_layers  # keys, not values
     assert count_op(gm, HADAMARD) == 2 * len(key_writes)
     ids = tiny_ids[:1]
-    out = torch.cat([gm(input_ids=ids[:, i:i + 1], cache_position=torch.tensor([i])) for i in range(ids.shape[1])], 1)
+    length = ids.shape[1]
+    cache = list(graph_inputs(gm, ids)[4:])
+    mask = torch.ones(1, length, dtype=torch.bool)
+    out = torch.cat([gm(ids[:, i:i + 1], torch.tensor([[i]]), torch.tensor([i]), mask, *cache)
+                     for i in range(length)], 1)
     assert h.rel_err(out, tiny_models["mistral"](ids).logits) < 1e-5
 
 

@@ -62,7 +62,7 @@ class DegradationMeter:
         self.metric = metric
         self.layer_forwards = 0
         runner = model.runner
-        states = [runner.start(batch, False) for batch in batches]
+        states = [runner.start_tokens(batch) for batch in batches]
         self._inputs = []
         for layer in range(runner.num_layers):
             self._inputs.append(states)
@@ -79,7 +79,7 @@ class DegradationMeter:
                 self._base_logprobs.append(F.log_softmax(logits[:, :-1], dim=-1))
 
     def _logits(self, state) -> torch.Tensor:
-        return self.model.runner.finish(state)[0].float()
+        return self.model.runner.finish(state).float()
 
     @staticmethod
     def _nll(logits: torch.Tensor, batch: torch.Tensor) -> float:

@@ -1,6 +1,6 @@
 """The rotated-quantized model that calibration measures, and each layer's pruned variants.
 
-:func:`build_calibration_model` runs ``asaf_fx.compile``'s passes on the forward graph, and where
+:func:`build_calibration_model` runs ``asaf_fx.compile``'s passes on the model's graph, and where
 compile would prune (after the residual rotation, before the online Hadamards) it records what a
 pruned layer needs instead: each MLP's channel importance (from the rotated float model, as
 compile chooses channels), its dense down_proj weight and, where compile refits down_proj, the
@@ -29,7 +29,7 @@ from torch.fx import GraphModule
 
 from asaf_fx.compile import calibration_batches, linear_lowerings, rewrite
 from asaf_fx.config import QuantConfig
-from asaf_fx.passes.capture import capture_forward, check_model
+from asaf_fx.passes.capture import capture, check_model
 from asaf_fx.passes.graph_utils import attr_tensor, get_tensor, is_op, linear_bias
 from asaf_fx.passes.layerwise import LayerwiseRunner
 from asaf_fx.passes.linear_stats import LinearStats
@@ -151,7 +151,7 @@ class CalibrationModel:
 
 def build_calibration_model(model: torch.nn.Module, quant: QuantConfig, calibration, sparsities: Sequence[float],
                             granularity: int = 32, cache_size: int = 64, refit: bool = True) -> CalibrationModel:
-    """Rotate, quantize and lower ``model``'s forward graph as ``asaf_fx.compile`` would (no plan),
+    """Rotate, quantize and lower ``model``'s graph as ``asaf_fx.compile`` would (no plan),
     keeping what pruned variants of each layer need (see the module docstring).
 
     ``granularity`` and ``refit`` are the :class:`PruneConfig` settings the table is for.
@@ -164,7 +164,7 @@ def build_calibration_model(model: torch.nn.Module, quant: QuantConfig, calibrat
     was_training = model.training
     model.eval()
     try:
-        forward = capture_forward(model)
+        forward = capture(model)
     finally:
         model.train(was_training)
     found: dict = {}
@@ -173,7 +173,7 @@ def build_calibration_model(model: torch.nn.Module, quant: QuantConfig, calibrat
     def record_instead_of_pruning(gm: GraphModule) -> None:
         runner = LayerwiseRunner(split_decoder_layers(gm))
         found["importances"], found["refit"] = channel_statistics(
-            runner, [runner.start(batch, False) for batch in batches], refit)
+            runner, [runner.start_tokens(batch) for batch in batches], refit)
         found["flops"] = layer_linear_flops(gm)
         found["mlps"] = find_swiglus(gm)
         found["dense"] = [get_tensor(gm, mlp.down.args[1]).detach().clone() for mlp in found["mlps"]]
@@ -187,7 +187,7 @@ def build_calibration_model(model: torch.nn.Module, quant: QuantConfig, calibrat
         )
         return [LinearLowering(low.weight, None, low.a_bits, low.a_clip) for low in lowerings]
 
-    rewrite([forward], model, quant, record_instead_of_pruning, simulated_lowerings)
+    rewrite(forward, model, quant, record_instead_of_pruning, simulated_lowerings)
     sites = found["sites"] if "sites" in found else _mlp_sites(forward, found["mlps"])
     grams = [_unrotated_gram(down_inputs.get(site.down), site, quant.seed) for site in sites]
     return CalibrationModel(LayerwiseRunner(split_decoder_layers(forward)), quant, sites, found["importances"],

@@ -16,7 +16,7 @@ from asaf_fx.calibration.calibrate import FIT_WINDOWS, CalibrationConfig
 from asaf_fx.calibration.entries import MODES
 from asaf_fx.config import CLIP_SEARCH, QuantConfig
 from asaf_fx.passes.quantize.quantize_weights import WEIGHT_METHODS
-from asaf_fx.pipeline import DEFAULT_EVAL_WINDOWS, DEFAULT_SPARSITIES, RunConfig, default_quant
+from asaf_fx.pipeline import DEFAULT_EVAL_WINDOWS, RUN_SPARSITIES, RunConfig, default_quant
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -134,9 +134,9 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {FIT_WINDOWS})")
     parser.add_argument("--cal-seq-len", type=int_at_least(1), default=256,
                         help="calibration window tokens (default 256)")
-    parser.add_argument("--sparsities", type=sparsity_list, default=DEFAULT_SPARSITIES,
+    parser.add_argument("--sparsities", type=sparsity_list, default=RUN_SPARSITIES,
                         help=f"table levels, comma-separated, increasing (default "
-                             f"{','.join(map(str, DEFAULT_SPARSITIES))})")
+                             f"{','.join(map(str, RUN_SPARSITIES))})")
     parser.add_argument("--mode", choices=MODES, default="per-layer", help="calibration mode (default per-layer)")
     parser.add_argument("--max-length", type=int_at_least(1), help="longest measured group in --mode groups")
     add_quant_arguments(parser)

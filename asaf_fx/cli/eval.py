@@ -110,7 +110,7 @@ def evaluate_cli(args: argparse.Namespace) -> dict[str, Any]:
 
         start = time.perf_counter()
         quant = asaf_fx.QuantConfig(w_bits=16, a_bits=16, kv_bits=16, rotate=True, seed=args.seed)
-        model = asaf_fx.compile(model, quant=quant, decode=False)  # evaluation needs no decode graph
+        model = asaf_fx.compile(model, quant=quant)
         seconds["compile"] = time.perf_counter() - start
     results = evaluate(model, tokenizer, text=text, seq_len=args.seq_len, windows=args.windows or None,
                        tasks=args.tasks, include_path=args.include_path, limit=args.limit, seed=args.seed)

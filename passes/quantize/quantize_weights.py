@@ -175,7 +175,7 @@ def quantize_decoder_weights(
         raise ValueError(f"{', '.join(m.upper() for m in methods) or 'this setting'} needs calibration data: pass "
                          "calibration= (token ids) or use w_method='rtn'")
     runner = LayerwiseRunner(split_decoder_layers(gm))
-    states = [runner.start(batch, False) for batch in calibration]
+    states = [runner.start_tokens(batch) for batch in calibration]
     found = quantize_layer_weights(runner, states, {n.args[1].target: s for n, s in zip(linears, specs)}, on_stats,
                                    before_layer)
     return [found.get(n.args[1].target) for n in linears]

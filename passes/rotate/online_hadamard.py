@@ -35,7 +35,7 @@ def rotate_linear_input(gm: GraphModule, linear: Node, seed: int, tag: str) -> N
     rot.meta["asaf_fx"] = {"rotation": f"online_hadamard_{tag}", "width": int(width)}
     rot.meta["nn_module_stack"] = linear.meta.get("nn_module_stack", {})
     linear.replace_input_with(source, rot)
-    update_tensor(gm, linear.args[1], rotation.apply, same_shape=True)
+    update_tensor(gm, linear.args[1], rotation.apply)
 
 
 class OnlineHadamardDown:

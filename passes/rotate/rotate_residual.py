@@ -41,14 +41,14 @@ def _rotate_around_scale(gm: GraphModule, norm: RMSNorm, q: Rotation) -> None:
                         first_node(gm))
     scale = norm.weight_mul
     # The scale is the one weight no pass rewrites; a copy keeps the compiled graph off the model's memory.
-    update_tensor(gm, norm.weight, lambda gamma: gamma, same_shape=True)
+    update_tensor(gm, norm.weight, lambda gamma: gamma)
     with gm.graph.inserting_before(scale):
         undo = gm.graph.call_function(torch.ops.asaf_fx.hadamard_rotate.default, (norm.output, back))
     scale.replace_input_with(norm.output, undo)
     with gm.graph.inserting_after(scale):
         redo = gm.graph.call_function(torch.ops.asaf_fx.hadamard_rotate.default, (scale, right))
     scale.replace_all_uses_with(redo, delete_user_cb=lambda user: user is not redo)
-    scale.meta["asaf_fx"] = {"head_scale": int(width)}  # share_weights finds γ here
+    scale.meta["asaf_fx"] = {"head_scale": int(width)}
     for node in (undo, redo):
         node.meta["asaf_fx"] = {"rotation": "residual_head_scale", "width": int(width)}
         node.meta["nn_module_stack"] = scale.meta.get("nn_module_stack", {})
@@ -91,7 +91,7 @@ class RotateResidual:
             if key in rotated:
                 set_tensor(gm, node.target, rotated[key])
                 return
-            update_tensor(gm, node, fn, same_shape=True)
+            update_tensor(gm, node, fn)
             rotated[key] = get_tensor(gm, node)
 
         for e in rs.embeddings:

@@ -43,10 +43,10 @@ class RotateValueOutput:
             h = online_rotation(hd, self.seed, "value").matrix().to(v_weight.device)  # built on the CPU
             kv_heads = v_weight.shape[0] // hd
             q_heads = get_tensor(gm, att.o_proj.args[1]).shape[1] // hd
-            update_tensor(gm, att.v_proj.args[1], lambda w, b=_blockdiag(h, kv_heads): b.T @ w, same_shape=True)
+            update_tensor(gm, att.v_proj.args[1], lambda w, b=_blockdiag(h, kv_heads): b.T @ w)
             if (bias := linear_bias(att.v_proj)) is not None:
-                update_tensor(gm, bias, lambda v, b=_blockdiag(h, kv_heads): v @ b, same_shape=True)
-            update_tensor(gm, att.o_proj.args[1], lambda w, b=_blockdiag(h, q_heads): w @ b, same_shape=True)
+                update_tensor(gm, bias, lambda v, b=_blockdiag(h, kv_heads): v @ b)
+            update_tensor(gm, att.o_proj.args[1], lambda w, b=_blockdiag(h, q_heads): w @ b)
         gm.meta.setdefault(META_KEY, {}).setdefault("rotations", []).append(
             {"pass": self.name, "seed": self.seed, "count": len(attentions), "width": attentions[0].head_dim})
         return PassResult(gm, True)

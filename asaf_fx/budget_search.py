@@ -50,12 +50,12 @@ def groups_of(plan: Plan) -> list[list]:
 
 
 @dataclass
-class Measured:
+class MeasuredRound:
     """A round's plan and what ``measure`` returned for it: the degradation and anything to keep."""
 
     plan: Plan
     degradation: float
-    kept: Any
+    result: Any
 
 
 def next_delta(budget: float, below: tuple[float, float], above: tuple[float, float] | None) -> float:
@@ -70,7 +70,7 @@ def next_delta(budget: float, below: tuple[float, float], above: tuple[float, fl
 
 
 def search(table: SensitivityTable, budget: float, z: float, rounds: int, measure: Callable[[Plan], tuple[float, Any]],
-           report: Callable[[str], None]) -> tuple[list[dict[str, Any]], Measured | None]:
+           report: Callable[[str], None]) -> tuple[list[dict[str, Any]], MeasuredRound | None]:
     """Run at most ``rounds`` solve-measure rounds; return their log and the kept round (None: dense).
 
     ``measure(plan)`` returns the plan's measured degradation and whatever the caller keeps of the
@@ -79,7 +79,7 @@ def search(table: SensitivityTable, budget: float, z: float, rounds: int, measur
     below: tuple[float, float] = (0.0, 0.0)
     above: tuple[float, float] | None = None
     log: list[dict[str, Any]] = []
-    best: Measured | None = None  # only the kept round's compiled model stays alive
+    best: MeasuredRound | None = None  # only the kept round's compiled model stays alive
     delta = budget
     for number in range(1, rounds + 1):
         entry: dict[str, Any] = {"round": number, "max_degradation": delta}
@@ -108,7 +108,7 @@ def search(table: SensitivityTable, budget: float, z: float, rounds: int, measur
                f"predicted {plan.predicted_degradation:.4g}, measured {measured:.4g} (budget {budget:g})")
         if measured <= budget:
             if best is None or (plan.flops_ratio, measured) < (best.plan.flops_ratio, best.degradation):
-                best = Measured(plan, measured, kept)
+                best = MeasuredRound(plan, measured, kept)
             below = max(below, (delta, measured))
             if measured >= TIGHTEN * budget:
                 break

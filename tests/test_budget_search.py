@@ -53,7 +53,7 @@ def test_an_overshoot_is_bracketed_and_the_largest_plan_within_budget_is_kept():
     within = [r for r in rounds if r["measured_degradation"] <= 0.01]
     assert within and kept is not None
     assert kept.plan.flops_ratio == min(r["flops_ratio"] for r in within)  # the most FLOPs removed
-    assert kept.kept == ("model of", kept.plan.max_degradation)  # the caller's object for that round
+    assert kept.result == ("model of", kept.plan.max_degradation)  # the caller's object for that round
     # every later δ lies strictly between the largest within-budget δ and the smallest overshooting δ
     for number in range(2, len(solved)):
         earlier = rounds[:number]

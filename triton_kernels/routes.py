@@ -1,6 +1,6 @@
 """Which kernel runs an INT4 linear on a CUDA device, chosen from (kind, M, K, N, group size).
 
-The rule is read off the kernel table of ``benchmarks/kernels.py`` on an H200 (BENCHMARKS.md,
+The rule is read off the kernel table of ``benchmarks/gemm_table.py`` on an H200 (BENCHMARKS.md,
 Llama-2-7B widths 4096→11008 and 11008→4096, CUDA-graph timings):
 
 * one token (batch-1 decode): the weight-streaming kernel ``gemv.w4_gemv``, which reads the packed

@@ -22,14 +22,14 @@ from asaf_fx.calibration.entries import Entry
 PROGRESS_SCHEMA = "asaf_fx.calibration_progress/2"
 _SCHEMAS = (PROGRESS_SCHEMA, "asaf_fx.calibration_progress/1")
 
-Measured = tuple[float, float]  # (value, its standard error; NaN = unknown)
+ValueAndError = tuple[float, float]  # (value, its standard error; NaN = unknown)
 
 
 class Progress:
     def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any]) -> None:
         self.path = Path(path)
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))  # normalise types
-        self.values: dict[Entry, Measured] = {}
+        self.values: dict[Entry, ValueAndError] = {}
         if self.path.exists():
             self._resume()
 
@@ -56,7 +56,7 @@ class Progress:
         self.values[entry] = (float(value), float(stderr))
         self.save()
 
-    def merge(self, values: dict[Entry, Measured]) -> None:
+    def merge(self, values: dict[Entry, ValueAndError]) -> None:
         self.values.update(values)
         self.save()
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from asaf_fx.calibration.entries import Entry
-from asaf_fx.calibration.progress import Measured, Progress
+from asaf_fx.calibration.progress import Progress, ValueAndError
 
 
 def progress_files(out: str | os.PathLike) -> list[Path]:
@@ -34,16 +34,16 @@ def progress_files(out: str | os.PathLike) -> list[Path]:
 
 def measure_entries(
     entries: list[Entry],
-    measure: Callable[[Entry], float | Measured],
+    measure: Callable[[Entry], float | ValueAndError],
     out: str | os.PathLike,
     fingerprint: dict[str, Any],
     *,
     rank: int = 0,
     world: int = 1,
-    on_measured: Callable[[Entry, Measured], None] | None = None,
+    on_measured: Callable[[Entry, ValueAndError], None] | None = None,
     on_todo: Callable[[int], None] | None = None,
-) -> dict[Entry, Measured]:
-    known: dict[Entry, Measured] = {}
+) -> dict[Entry, ValueAndError]:
+    known: dict[Entry, ValueAndError] = {}
     for path in progress_files(out):
         known.update(Progress(path, fingerprint).values)
     wanted = set(entries)
@@ -62,7 +62,7 @@ def measure_entries(
     if world > 1:
         import torch.distributed as dist
 
-        gathered: list[dict[Entry, Measured] | None] = [None] * world
+        gathered: list[dict[Entry, ValueAndError] | None] = [None] * world
         dist.all_gather_object(gathered, values)
         for part in gathered:
             values.update(part or {})

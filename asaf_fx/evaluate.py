@@ -76,10 +76,11 @@ class LMEvalAdapter(torch.nn.Module):
 
     ``HFLM(pretrained=<instance>)`` (lm-eval 0.4.13) reads ``.config`` (model type, context length)
     and ``.device``, calls ``.eval()`` and ``.tie_weights()``, and for causal models calls
-    ``model(input_ids).logits`` without an attention mask: it right-pads a batch and drops the
-    padded positions, so ``CompiledModel``'s refusal of padding masks is never hit. Generation
-    (``generate_until`` tasks) calls transformers' ``generate`` signature, which ``CompiledModel``
-    does not have, so it is refused here with a message instead of a TypeError deep in lm-eval.
+    ``model(input_ids).logits`` without an attention mask (it right-pads a batch and drops the
+    padded positions). ``generate_until`` tasks call transformers' ``generate`` with ``max_length``,
+    a left-padding ``attention_mask``, ``stopping_criteria`` for the task's stop strings and
+    ``pad_token_id``; here they become ``CompiledModel.generate``'s arguments (at most its
+    ``max_batch`` rows at once).
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -105,9 +106,15 @@ class LMEvalAdapter(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         return self.model(input_ids, attention_mask=attention_mask)
 
-    def generate(self, *args, **kwargs):
-        raise NotImplementedError("lm-eval generation tasks (output_type generate_until) are not supported on "
-                                  f"{type(self.model).__name__}; run them on the uncompiled transformers model")
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_length: int,
+                 stopping_criteria=None, pad_token_id: int | None = None, use_cache: bool = True,
+                 **sampling) -> torch.Tensor:
+        if input_ids.shape[0] > getattr(self.model, "max_batch", input_ids.shape[0]):
+            raise ValueError(f"lm-eval asks to generate {input_ids.shape[0]} rows at once; the model takes at most "
+                             f"{self.model.max_batch}: compile (or load) it with max_batch={input_ids.shape[0]}, or "
+                             "pass a smaller batch_size")
+        return self.model.generate(input_ids, attention_mask, max_new_tokens=max_length - input_ids.shape[1],
+                                   pad_token_id=pad_token_id, stopping_criteria=stopping_criteria, **sampling)
 
 
 def _task_manager(tasks: Sequence[str], include_path: str | Path | None):

@@ -76,6 +76,30 @@ metric_list:
 metadata:
   version: 1.0
 """, encoding="utf-8")
+    (folder / "tiny_gen.jsonl").write_text("".join(json.dumps({"prompt": d["question"], "answer": d["choices"][0]})
+                                                   + "\n" for d in DOCS), encoding="utf-8")
+    (folder / "tiny_gen.yaml").write_text(f"""\
+task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / "tiny_gen.jsonl"}
+  cache_dir: {folder / "hf_datasets_cache"}
+output_type: generate_until
+test_split: test
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: answer
+generation_kwargs:
+  until: ["e", "\\n"]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+""", encoding="utf-8")
     return folder
 
 
@@ -122,7 +146,7 @@ def test_text_perplexity_errors_name_the_file_and_the_fix(tiny, tokenizer, tmp_p
 
 
 def test_local_task_runs_and_rotation_preserves_every_loglikelihood(tiny, tokenizer, task_dir):
-    compiled = asaf_fx.compile(tiny, decode=False)
+    compiled = asaf_fx.compile(tiny)
     fp = run_lm_eval(tiny, tokenizer, ["tiny_mc"], include_path=task_dir, log_samples=True)
     rot = run_lm_eval(compiled, tokenizer, ["tiny_mc"], include_path=task_dir, log_samples=True)
     for result in (fp, rot):
@@ -136,6 +160,20 @@ def test_local_task_runs_and_rotation_preserves_every_loglikelihood(tiny, tokeni
         assert len(a["resps"]) == len(doc["choices"])  # one (loglikelihood, is_greedy) per choice
         assert [ll for ll, _ in b["resps"]] == pytest.approx([ll for ll, _ in a["resps"]], rel=1e-4, abs=1e-4)
         assert a["metrics"]["acc"] == b["metrics"]["acc"]
+
+
+def test_generate_until_task_runs_on_the_compiled_model_as_on_transformers(tiny, tokenizer, task_dir):
+    """Greedy generations of a rotation-only model, with the task's stop strings, equal the original's."""
+    compiled = asaf_fx.compile(tiny, max_batch=2)
+    fp = run_lm_eval(tiny, tokenizer, ["tiny_gen"], include_path=task_dir, log_samples=True, batch_size=2)
+    rot = run_lm_eval(compiled, tokenizer, ["tiny_gen"], include_path=task_dir, log_samples=True, batch_size=2)
+    ours = [d["resps"] for d in rot["samples"]["tiny_gen"]]
+    assert ours == [d["resps"] for d in fp["samples"]["tiny_gen"]]
+    assert len(ours) == len(DOCS) and any(r[0][0] for r in ours)  # something was generated
+    assert all("e" not in r[0][0] and "\n" not in r[0][0] for r in ours)  # cut at the stop strings
+    assert rot["tasks"]["tiny_gen"]["exact_match"] == fp["tasks"]["tiny_gen"]["exact_match"]
+    with pytest.raises(ValueError, match="max_batch=2"):
+        run_lm_eval(asaf_fx.compile(tiny), tokenizer, ["tiny_gen"], include_path=task_dir, batch_size=2)
 
 
 def test_lm_eval_errors_are_clear(tiny, tokenizer, tmp_path):
@@ -215,7 +253,7 @@ def test_cli_smollm2_wikitext2_perplexity(smollm2, wikitext2_test, monkeypatch, 
 
 
 def test_cli_on_a_model_dir_written_by_asaf_fx_save(tiny, tokenizer, text_file, tmp_path, capsys):
-    compiled = asaf_fx.compile(tiny, quant=asaf_fx.QuantConfig(w_bits=4, a_bits=8, w_method="rtn"), decode=False)
+    compiled = asaf_fx.compile(tiny, quant=asaf_fx.QuantConfig(w_bits=4, a_bits=8, w_method="rtn"))
     folder = tmp_path / "saved"
     asaf_fx.save(compiled, folder, tokenizer=tokenizer)
     assert main([str(folder), "--text", str(text_file), "--seq-len", "32", "--windows", "2"]) == 0

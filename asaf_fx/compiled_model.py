@@ -118,7 +118,7 @@ class CompiledModel(torch.nn.Module):
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        with torch.no_grad():
+        with torch.no_grad():  # the prefill: the whole prompt into the cache, logits of its last position
             logits = session.run(input_ids, positions, torch.arange(prompt, device=device), prompt)
             tokens, done = [input_ids], torch.zeros(batch, dtype=torch.bool, device=device)
             eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
@@ -178,8 +178,10 @@ class _Session:
         return [c[:, :, :used] for c in self.cache], self.mask[:, :used]
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, cache_position: torch.Tensor, used: int) -> torch.Tensor:
+        """Logits (B, 1, V) of the last of ``ids``' T tokens, written to the cache at ``cache_position``."""
         cache, mask = self._inputs(used)
-        return self._run(ids, positions, cache_position, mask, *cache)
+        last = torch.tensor([ids.shape[1] - 1], device=ids.device)  # the lm_head runs on one row
+        return self._run(ids, positions, cache_position, mask, last, *cache)
 
     def step(self, token: torch.Tensor, position: torch.Tensor, slot: int) -> torch.Tensor:
         """Logits (B, 1, V) of one token per row at cache ``slot``."""
@@ -212,7 +214,8 @@ class _DecodeGraph:
     """
 
     def __init__(self, run, cache: list[torch.Tensor], mask: torch.Tensor, batch: int, device: torch.device) -> None:
-        self._call = lambda: run(self.ids, self.pos, self.slot, mask, *cache)
+        self._call = lambda: run(self.ids, self.pos, self.slot, mask, self.first, *cache)
+        self.first = torch.zeros(1, dtype=torch.long, device=device)  # the one token's logits
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)

@@ -3,14 +3,16 @@
 The graph serves every use: scoring a whole sequence, prefilling a prompt into the KV cache and
 decoding one token at a time. It is called as
 
-    gm(input_ids, position_ids, cache_position, attention_mask, k_0, v_0, ..., k_{L-1}, v_{L-1})
+    gm(input_ids, position_ids, cache_position, attention_mask, logit_positions, k_0, v_0, ..., v_{L-1})
 
 ``input_ids`` and ``position_ids`` are (B, T); ``cache_position`` (T,) says which cache slots the
 T tokens fill; ``attention_mask`` (B, S) marks the cache slots that hold a real token of each row
-(left padding: False); ``k_i``, ``v_i`` are layer i's cache, (B, kv_heads, S, head_dim), written in
-place at ``cache_position``. A query attends to the slots its row marks, up to its own position, and
-always to its own slot (a padding query then stays finite). B, T and S are dynamic: the caller
-owns the cache and chooses its batch and length per call. The graph returns the logits (B, T, V).
+(left padding: False); ``logit_positions`` (K,) which of the T positions get logits (all of them to
+score, the last one to prefill); ``k_i``, ``v_i`` are layer i's cache, (B, kv_heads, S, head_dim),
+written in place at ``cache_position``. A query attends to the slots its row marks, up to its own
+position, and always to its own slot (a padding query then stays finite). B, T, S and K are
+dynamic: the caller owns the cache and chooses its batch and length per call. The graph returns
+the logits (B, K, V).
 
 ``gm.meta["asaf_fx"]`` records the kind, example inputs in placeholder order (for shape
 propagation), the cache layout, the model config and how many decoder layers were traced: three
@@ -31,7 +33,7 @@ from asaf_fx.passes.graph_utils import attr_tensor, bind_tensor, written_attrs
 from asaf_fx.passes.infra import META_KEY, propagate_shapes
 from asaf_fx.passes.repeat_layers import TRACED, decoder_stack, first_layers, repeat_last_layer
 
-INPUTS = ("input_ids", "position_ids", "cache_position", "attention_mask")
+INPUTS = ("input_ids", "position_ids", "cache_position", "attention_mask", "logit_positions")
 
 
 class UnsupportedModelError(ValueError):
@@ -83,14 +85,14 @@ class _Serving(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, position_ids, cache_position, attention_mask, caches):
+    def forward(self, input_ids, position_ids, cache_position, attention_mask, logit_positions, caches):
         slots = torch.arange(attention_mask.shape[1], device=input_ids.device)
         causal = slots[None, :] <= cache_position[:, None]
         own = slots[None, :] == cache_position[:, None]
         allowed = (attention_mask[:, None, None, :] & causal[None, None]) | own[None, None]
         cache = _Cache(list(caches[0::2]), list(caches[1::2]), cache_position)
         return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=allowed, cache=cache,
-                          use_cache=True).logits
+                          use_cache=True, logits_to_keep=logit_positions).logits
 
 
 def cache_layout(config) -> dict:
@@ -124,7 +126,8 @@ def graph_inputs(gm: GraphModule, input_ids: torch.Tensor, attention_mask: torch
     meta = gm.meta[META_KEY]
     if cache is None:
         cache = new_cache(meta["cache"], batch, length, cache_dtype(gm), device)
-    return (input_ids, positions, torch.arange(length, device=device), mask, *cache)
+    every = torch.arange(length, device=device)
+    return (input_ids, positions, every, mask, every, *cache)
 
 
 def cache_dtype(gm: GraphModule) -> torch.dtype:
@@ -161,12 +164,13 @@ def _export(wrapper: _Serving, dtype: torch.dtype, device, layers: int) -> Graph
     batch, length, slots = 2, 4, 8
     ids = torch.zeros(batch, length, dtype=torch.long, device=device)
     example = (ids, torch.arange(length, device=device).expand(batch, length), torch.arange(length, device=device),
-               torch.ones(batch, slots, dtype=torch.bool, device=device),
+               torch.ones(batch, slots, dtype=torch.bool, device=device), torch.arange(length, device=device),
                new_cache(layout, batch, slots, dtype, device))
     both = {0: Dim.DYNAMIC, 1: Dim.DYNAMIC}
     # Dim.DYNAMIC, not named Dims: export then accepts the shape relations it derives (the cache's
     # batch is the ids' batch) instead of failing on them.
-    dynamic = (both, both, {0: Dim.DYNAMIC}, both, [{0: Dim.DYNAMIC, 2: Dim.DYNAMIC}] * len(example[4]))
+    one = {0: Dim.DYNAMIC}
+    dynamic = (both, both, one, both, one, [{0: Dim.DYNAMIC, 2: Dim.DYNAMIC}] * len(example[5]))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # export's notes on lifted constants are not actionable here
         gm = torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=False).module()
@@ -174,7 +178,7 @@ def _export(wrapper: _Serving, dtype: torch.dtype, device, layers: int) -> Graph
     for i, node in enumerate(placeholders[len(INPUTS):]):
         if node.users:
             target = f"kv_cache.{'key' if i % 2 == 0 else 'value'}_{i // 2}"
-            bind_tensor(gm, target, example[4][i])
+            bind_tensor(gm, target, example[5][i])
             with gm.graph.inserting_before(node):
                 node.replace_all_uses_with(gm.graph.get_attr(target))
         gm.graph.erase_node(node)

@@ -46,13 +46,17 @@ def data_users(node: Node) -> list[Node]:
 
 
 def is_row_passthrough(node: Node) -> bool:
-    """True when ``node`` applies the identity to each row's last axis (casts, batch/seq slices)."""
+    """True when ``node`` applies the identity to each row's last axis (casts, batch/seq slices,
+    rows picked by index: the positions whose logits are kept)."""
     if is_op(node, *_ROW_PASSTHROUGH):
         return True
     if is_op(node, aten.slice):
         dim = node.args[1] if len(node.args) > 1 else 0
         nd = ndim(node.args[0])
         return nd is not None and dim % nd != nd - 1
+    if is_op(node, aten.index):
+        indices, nd = node.args[1], ndim(node.args[0])
+        return nd is not None and len(indices) < nd  # the last axis is never indexed
     return False
 
 

@@ -5,7 +5,7 @@ import torch
 
 from asaf_fx.compile import rotation_passes
 from asaf_fx.config import QuantConfig
-from asaf_fx.passes.capture import graph_inputs, run_graph
+from asaf_fx.passes.capture import INPUTS, graph_inputs, run_graph
 from asaf_fx.passes.graph_utils import count_op
 from asaf_fx.passes.infra import PassManager, PatternError
 from asaf_fx.passes.quantize.quantize_kv import KV_DEQUANTIZE, KV_QUANTIZE, QuantizeKV
@@ -34,7 +34,7 @@ def test_cache_holds_quantized_values(captured, tiny_ids, h):
     PassManager(rotation_passes(QuantConfig()) + [QuantizeKV(4)])(gm)
     inputs = graph_inputs(gm, tiny_ids[:1, :1])
     gm(*inputs)
-    caches = inputs[4:]
+    caches = inputs[len(INPUTS):]
     assert len(caches) == 2 * 2
     for cache in caches:
         row = cache[0, :, 0]  # (kv heads, head_dim) at position 0

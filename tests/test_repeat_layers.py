@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from asaf_fx.passes import capture
-from asaf_fx.passes.capture import graph_inputs, run_graph
+from asaf_fx.passes.capture import INPUTS, graph_inputs, run_graph
 from asaf_fx.passes.infra import META_KEY
 from asaf_fx.passes.repeat_layers import TRACED, first_layers, renamed, repeat_last_layer
 
@@ -30,9 +30,10 @@ def _ops(gm) -> Counter:
 def _decode(gm, ids: torch.Tensor) -> torch.Tensor:
     """One token per call, every call reading the cache the earlier ones wrote."""
     batch, length = ids.shape
-    cache = list(graph_inputs(gm, ids)[4:])
+    cache = list(graph_inputs(gm, ids)[len(INPUTS):])
     mask = torch.ones(batch, length, dtype=torch.bool)
-    steps = [gm(ids[:, i:i + 1], torch.full((batch, 1), i), torch.tensor([i]), mask, *cache) for i in range(length)]
+    steps = [gm(ids[:, i:i + 1], torch.full((batch, 1), i), torch.tensor([i]), mask, torch.tensor([0]), *cache)
+             for i in range(length)]
     return torch.cat(steps, dim=1)
 
 

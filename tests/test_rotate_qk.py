@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from asaf_fx.passes.capture import graph_inputs
+from asaf_fx.passes.capture import INPUTS, graph_inputs
 from asaf_fx.passes.graph_utils import count_op
 from asaf_fx.passes.infra import PassManager, PatternError
 from asaf_fx.passes.patterns import match_rope
@@ -33,9 +33,9 @@ def test_cache_holds_rotated_keys(captured, tiny_models, tiny_ids, h):
     assert count_op(gm, HADAMARD) == 2 * len(key_writes)
     ids = tiny_ids[:1]
     length = ids.shape[1]
-    cache = list(graph_inputs(gm, ids)[4:])
+    cache = list(graph_inputs(gm, ids)[len(INPUTS):])
     mask = torch.ones(1, length, dtype=torch.bool)
-    out = torch.cat([gm(ids[:, i:i + 1], torch.tensor([[i]]), torch.tensor([i]), mask, *cache)
+    out = torch.cat([gm(ids[:, i:i + 1], torch.tensor([[i]]), torch.tensor([i]), mask, torch.tensor([0]), *cache)
                      for i in range(length)], 1)
     assert h.rel_err(out, tiny_models["mistral"](ids).logits) < 1e-5
 

@@ -4,7 +4,9 @@
 #   2. the kernel table (benchmarks/gemm_table.py: each path at M = 1, 16, 2048 for 4096→11008 and
 #      11008→4096, CUDA-graph timings);
 #   3. the model bench, all 32 decoder layers of Llama-2-7B shapes, one process per variant, so that
-#      one failure or time-out costs only its own cell.
+#      one failure or time-out costs only its own cell;
+#   4. serving (benchmarks/serve.py): time to first token and generate time of a 512- and a
+#      2048-token prompt beside the forward and decode steps they are made of (part "serve").
 # Measured on an H200 (BENCHMARKS.md): the kernel tests about 100 s; a 32-layer variant takes
 # 10-30 s of asaf_fx.compile and 100-160 s in all (inductor's first calls included); every extra
 # decode batch is one more compile.
@@ -16,18 +18,18 @@
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR
 # Knobs (environment): PRESETS (default llama2-7b), VARIANTS (default "w4a4kv4 fp16-compiled fp16-eager";
 # all five: "w4a4kv4 fp16-compiled fp16-eager asaf w4a8kv4"), LAYERS (default: all),
-# PARTS (default "exact kernels bench"; "profile" adds torch.profiler tables of 4 layers),
+# PARTS (default "exact kernels bench serve"; "profile" adds torch.profiler tables of 4 layers),
 # BENCH_S (seconds per variant, 150), DECODE_BATCH (default 1), SEQ (default "512 2048 4096"),
 # BATCH (default 4: batch 1 is a second inductor compilation of the prefill graph), KERNEL_M
 # (default "1 16 2048"), KERNEL_SHAPES (default "4096x11008 11008x4096"), KERNELS_S (seconds for the
-# table, 120), PROFILE_LAYERS (4), PROFILE_S (90).
+# table, 120), PROFILE_LAYERS (4), PROFILE_S (90), SERVE_QUANT (w4a4kv4), SERVE_S (240).
 # Rehearsal without a GPU: PRESETS=tiny bash benchmarks/gpu_check.sh OUT (kernels print "no GPU").
 set -u
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
-parts=${PARTS:-exact kernels bench}
+parts=${PARTS:-exact kernels bench serve}
 presets=${PRESETS:-llama2-7b}
 variants=${VARIANTS:-w4a4kv4 fp16-compiled fp16-eager}
 layers=${LAYERS:+--layers $LAYERS}
@@ -72,6 +74,14 @@ if [[ " $parts " == *" bench "* ]]; then
                 --decode-batch ${DECODE_BATCH:-1} --out "$out/$preset-$variant.json" >"$out/$preset-$variant.log" 2>&1
             echo "exit $?"; grep -E "built in|seq [0-9]+ ×|decode batch|error|Error" "$out/$preset-$variant.log" | tail -12
         done
+    done
+fi
+if [[ " $parts " == *" serve "* ]]; then
+    for preset in $presets; do
+        stamp "serve $preset ${SERVE_QUANT:-w4a4kv4}"
+        timeout "${SERVE_S:-240}" $py benchmarks/serve.py --model "$preset" --quant "${SERVE_QUANT:-w4a4kv4}" \
+            --prompts 512 2048 --new 64 --json "$out/serve-$preset.json" >"$out/serve-$preset.log" 2>&1
+        echo "exit $?"; tail -8 "$out/serve-$preset.log"
     done
 fi
 stamp "done"

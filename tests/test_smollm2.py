@@ -72,8 +72,11 @@ def test_a_ragged_batch_gives_each_prompt_what_transformers_gives_it_alone(smoll
     prompts = ["Paris is the capital of", "Water boils at a temperature of one hundred degrees",
                "The largest planet in the solar system is"]
     cm = asaf_fx.compile(model, max_batch=3, max_cache_len=64)
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # a session-wide tokenizer: put it back
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
     with torch.no_grad(), h.single_thread():
         ours = cm.generate(batch.input_ids, batch.attention_mask, max_new_tokens=24, eos_token_id=[])
         for i, text in enumerate(prompts):

@@ -10,7 +10,7 @@ from torch.fx import GraphModule
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from asaf_fx.config import QuantConfig
-from asaf_fx.passes.capture import cache_dtype, graph_inputs, new_cache
+from asaf_fx.passes.capture import cache_dtype, graph_inputs, new_cache, token_positions
 from asaf_fx.passes.infra import META_KEY
 from asaf_fx.sampling import Sampling
 
@@ -115,7 +115,7 @@ class CompiledModel(torch.nn.Module):
         session = self._session(batch, slots, device)
         session.mask[:, :prompt] = real
         session.mask[:, prompt:] = True
-        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        positions = token_positions(real)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         with torch.no_grad():  # the prefill: the whole prompt into the cache, logits of its last position

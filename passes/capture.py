@@ -108,6 +108,11 @@ def new_cache(layout: dict, batch: int, length: int, dtype: torch.dtype, device)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * layout["layers"])]
 
 
+def token_positions(mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions (B, T) of left-padded rows: each row's real tokens count from 0 (padding: 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def graph_inputs(gm: GraphModule, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  cache: list[torch.Tensor] | None = None) -> tuple:
     """The graph's inputs for scoring ``input_ids`` (B, T) from an empty cache.
@@ -122,7 +127,7 @@ def graph_inputs(gm: GraphModule, input_ids: torch.Tensor, attention_mask: torch
         positions = torch.arange(length, device=device).expand(batch, length)
     else:
         mask = attention_mask.to(device=device, dtype=torch.bool)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = token_positions(mask)
     meta = gm.meta[META_KEY]
     if cache is None:
         cache = new_cache(meta["cache"], batch, length, cache_dtype(gm), device)

@@ -25,7 +25,7 @@ from torch.fx import GraphModule
 from asaf_fx.compiled_model import CompiledModel
 from asaf_fx.config import CLIP_SEARCH, PruneConfig, QuantConfig
 from asaf_fx.passes.capture import capture, check_model
-from asaf_fx.passes.graph_utils import drop_dead_tensors, drop_input_guards, make_tensors_contiguous
+from asaf_fx.passes.graph_utils import drop_dead_tensors, make_tensors_contiguous
 from asaf_fx.passes.infra import GraphPass, PassManager, PatternError
 from asaf_fx.passes.layerwise import LayerwiseRunner
 from asaf_fx.passes.lower.lower_linears import LinearLowering, LowerLinears
@@ -153,9 +153,8 @@ def rewrite(gm: GraphModule, model, quant: QuantConfig,
         _run([QuantizeKV(quant.kv_bits)], gm, model)
     if quant.quantizes:
         _run([LowerLinears(lowerings(gm))], gm, model)
-    drop_input_guards(gm)
     drop_dead_tensors(gm)  # e.g. a tied embedding's original, which export leaves behind a dead node
-    make_tensors_contiguous([gm])
+    make_tensors_contiguous(gm)
 
 
 def compile(model: torch.nn.Module, plan: Plan | None = None, *, quant: QuantConfig | None = None,  # noqa: A001

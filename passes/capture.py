@@ -29,7 +29,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 from torch.fx.graph import CodeGen
 
-from asaf_fx.passes.graph_utils import attr_tensor, bind_tensor, written_attrs
+from asaf_fx.passes.graph_utils import attr_tensor, bind_tensor, drop_input_guards, written_attrs
 from asaf_fx.passes.infra import META_KEY, propagate_shapes
 from asaf_fx.passes.repeat_layers import TRACED, decoder_stack, first_layers, repeat_last_layer
 
@@ -187,9 +187,7 @@ def _export(wrapper: _Serving, dtype: torch.dtype, device, layers: int) -> Graph
             with gm.graph.inserting_before(node):
                 node.replace_all_uses_with(gm.graph.get_attr(target))
         gm.graph.erase_node(node)
-    for node in list(gm.graph.find_nodes(op="call_module")):  # export's input guard: checks the old inputs
-        if node.target == "_guards_fn" and not node.users:
-            gm.graph.erase_node(node)
+    drop_input_guards(gm)
     gm.graph.set_codegen(CodeGen())  # flat positional inputs: the cache list grows when layers are repeated
     output = gm.graph.output_node()
     output.args = (output.args[0][0],)  # the logits alone

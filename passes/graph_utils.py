@@ -205,34 +205,28 @@ def drop_input_guards(gm: GraphModule) -> None:
     """Remove the input-shape guard module ``torch.export`` calls first (``_guards_fn``).
 
     It holds code generated at export time, which no file can carry, so a graph with it could not be
-    rebuilt from a checkpoint as it was compiled. What it checked, the decode graph's static batch and
-    one-token step, ``CompiledModel`` enforces by building the step's inputs itself.
+    rebuilt from a checkpoint as it was compiled; and it checks the exported inputs, not the flat
+    ones the captured graph takes. ``CompiledModel`` builds the graph's inputs itself.
     """
     for node in list(gm.graph.find_nodes(op="call_module")):
         if node.target == "_guards_fn" and not node.users:
             gm.graph.erase_node(node)
     gm.delete_all_unused_submodules()
-    # Without the guard module, export's input pre-hook would check the placeholders' recorded shapes
-    # instead, and those are the small static examples shapes are propagated with, not the ranges.
-    if hasattr(gm, "validate_inputs"):
-        gm.validate_inputs = False
-    gm.recompile()
 
 
-def make_tensors_contiguous(graphs: list[GraphModule]) -> None:
-    """Hold every tensor the graphs read in row-major order, keeping tensors the graphs share shared.
+def make_tensors_contiguous(gm: GraphModule) -> None:
+    """Hold every tensor the graph reads in row-major order, keeping tensors it shares shared.
 
     A checkpoint stores tensors contiguous; a transposed view (e.g. an orthogonal factor built as
     ``q.T``) would multiply in another order after loading and differ in the last bits.
     """
     done: dict[int, torch.Tensor] = {}
-    for gm in graphs:
-        for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
-            if not tensor.is_contiguous():
-                key = id(tensor)
-                if key not in done:
-                    done[key] = tensor.detach().contiguous()
-                set_tensor(gm, name, done[key])
+    for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if not tensor.is_contiguous():
+            key = id(tensor)
+            if key not in done:
+                done[key] = tensor.detach().contiguous()
+            set_tensor(gm, name, done[key])
 
 
 def first_node(gm: GraphModule) -> Node:
